@@ -1,0 +1,43 @@
+"""varshift: find, measure and fix the variance shift that dropout causes in BatchNorm.
+
+The public API (DESIGN.md)::
+
+    report = varshift.scan(model, example_input=None)           # -> ScanReport
+    probe = varshift.probe(model, batches, seed=0)               # -> ProbeReport
+    fixed, rep = varshift.recalibrate(model, batches, exact=False, all_norms=False)
+    swapped, rep = varshift.swap(model, to="uout", beta=0.1)
+    varshift.export_onnx(model, path, example_input)             # -> ParityResult
+    varshift.Uout(beta=0.1)
+
+Names are imported lazily so that ``import varshift`` (and ``varshift --help``) stays fast and
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_LAZY = {
+    "scan": "varshift.rules",
+    "ScanReport": "varshift.reports",
+    "Uout": "varshift.uout",
+    "load_model": "varshift.loading",
+    "VarshiftError": "varshift.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'varshift' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

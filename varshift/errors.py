@@ -1,0 +1,46 @@
+"""User errors.
+
+Every :class:`VarshiftError` is a problem with the input or the usage (a missing file, a
+refused pickle, data that does not fit the model, ...). The CLI prints its message as one
+line on stderr and exits 2. Any other exception is a bug in varshift and keeps its traceback.
+"""
+
+
+class VarshiftError(Exception):
+    """Bad input or usage. The message is one line that names the bad value and the options."""
+
+
+class LoadError(VarshiftError):
+    """A model file could not be loaded."""
+
+
+class RefusedPickleError(LoadError):
+    """A pickle needs classes outside the safe allow-list.
+
+    Attributes:
+        classes: the qualified names of the classes the file needs.
+    """
+
+    def __init__(self, message: str, classes: list[str]):
+        super().__init__(message)
+        self.classes = classes
+
+
+class ArchError(LoadError):
+    """``--arch`` / ``--arch-args`` do not name a callable that builds a module."""
+
+
+class StateDictMismatch(LoadError):
+    """A state dict does not fit the module built by ``--arch``."""
+
+
+class TraceError(VarshiftError):
+    """The model's dataflow graph could not be traced."""
+
+
+class DataError(VarshiftError):
+    """Calibration data is missing, unreadable, or does not fit the model."""
+
+
+class OutputError(VarshiftError):
+    """An output path is unusable (the input itself, an unwritable folder, ...)."""

@@ -1,0 +1,438 @@
+"""The model's dataflow graph: which op feeds which.
+
+Two tracers build the same :class:`DataflowGraph`:
+
+* :func:`fx_graph`: ``torch.fx`` symbolic tracing; needs no input. Regularizers, norms and
+  torch's own layers are leaves; functional ops appear as calls.
+* :func:`dynamic_graph`: runs the model once on an example input and records every tensor op
+  through a ``TorchFunctionMode`` plus module hooks. For models with data-dependent Python
+  control flow, which fx cannot trace.
+
+Both trace the *training* structure: the model in train mode (so ``F.dropout(x, p,
+self.training)`` appears as active) while norms stay in eval mode (running statistics are never
+touched). Every module's mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from . import kinds
+from ._torch_utils import preserved_modes, removing
+from .errors import TraceError
+
+INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
+REGULARIZER, NORM = "regularizer", "norm"
+
+
+@dataclass
+class Op:
+    """One call in the dataflow graph.
+
+    Attributes:
+        index: position in execution order.
+        name: a module call's qualified name (``features.norm0``); a functional call's owner
+            module plus ``:`` and the op (``features.denseblock1.denselayer3:dropout``).
+        kind: ``module``, ``function``, ``input``, ``output`` or ``constant``.
+        target: the module's class name or the function's name.
+        role: ``regularizer``, ``norm`` or None.
+        reg: for a regularizer, its kind, p and (functional) training flag.
+        inputs: indices of the ops whose *values* flow into this one.
+    """
+
+    index: int
+    name: str
+    kind: str
+    target: str
+    role: str | None = None
+    reg: kinds.RegularizerInfo | None = None
+    inputs: tuple[int, ...] = ()
+
+
+@dataclass
+class DataflowGraph:
+    """Ops in execution order and how values flow between them."""
+
+    ops: list[Op]
+    traced_with: str  # "fx" or "dynamic"
+    #: functional regularizers that are active with the model in eval mode (inference random)
+    always_on: list[Op] = field(default_factory=list)
+    module_types: dict[str, str] = field(default_factory=dict)
+
+    def users(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = defaultdict(list)
+        for op in self.ops:
+            for i in op.inputs:
+                out[i].append(op.index)
+        return out
+
+    def downstream(self, start: int, stop_at_norms: bool = False) -> list[int]:
+        """Indices of the norm ops reachable from op ``start`` (not counting ``start``).
+
+        With ``stop_at_norms`` the search does not continue past a norm: it returns the
+        *direct* norms only.
+        """
+        users = self.users()
+        seen: set[int] = set()
+        found: list[int] = []
+        stack = list(users.get(start, ()))
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if self.ops[i].role == NORM:
+                found.append(i)
+                if stop_at_norms:
+                    continue
+            stack.extend(users.get(i, ()))
+        return sorted(found)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_torch_leaf(module: nn.Module) -> bool:
+    """torch.fx's default: torch.nn layers are leaves, containers are not."""
+    mod = type(module).__module__
+    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
+
+
+def _role(module: nn.Module) -> tuple[str | None, kinds.RegularizerInfo | None]:
+    reg = kinds.regularizer_of_module(module)
+    if reg is not None:
+        return REGULARIZER, reg
+    if kinds.is_norm(module):
+        return NORM, None
+    return None, None
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Leaves of the graph: regularizers, norms, and torch's own layers."""
+    return _role(module)[0] is not None or _is_torch_leaf(module)
+
+
+def _value_inputs(name: str, args: Iterable[Any], first_only: bool) -> list[Any]:
+    """The arguments whose values flow through op ``name`` (none for shape-only ops)."""
+    args = list(args)
+    if name in kinds.META_OPS:
+        return []
+    if name in ("getattr", "__get__") and len(args) > 1 and args[1] in kinds.META_OPS:
+        return []
+    if name in kinds.FIRST_ARG_ONLY_OPS or first_only:
+        return args[:1]
+    return args
+
+
+class _Namer:
+    """Names functional ops ``owner:op``, with ``_1``, ``_2`` ... for repeats in one owner."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], itertools.count] = defaultdict(itertools.count)
+
+    def __call__(self, owner: str, op: str) -> str:
+        k = next(self._counts[(owner, op)])
+        return f"{owner}:{op}" if k == 0 else f"{owner}:{op}_{k}"
+
+
+def _nested_regularizers(module: nn.Module) -> list[tuple[str, kinds.RegularizerInfo]]:
+    """Regularizers inside a leaf norm (timm's ``BatchNormAct2d(drop_layer=...)``)."""
+    out = []
+    for sub_name, sub in module.named_modules():
+        if sub_name:
+            reg = kinds.regularizer_of_module(sub)
+            if reg is not None:
+                out.append((sub_name, reg))
+    return out
+
+
+class _Builder:
+    """Accumulates ops; shared by both tracers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ops: list[Op] = []
+        self.namer = _Namer()
+        self.module_types: dict[str, str] = {}
+
+    def add(self, name, kind, target, role=None, reg=None, inputs=()) -> Op:
+        op = Op(len(self.ops), name, kind, target, role, reg, tuple(sorted(set(inputs))))
+        self.ops.append(op)
+        return op
+
+    def add_module_call(self, qualname: str, module: nn.Module, inputs) -> Op:
+        role, reg = _role(module)
+        self.module_types[qualname] = type(module).__name__
+        op = self.add(qualname, MODULE, type(module).__name__, role, reg, inputs)
+        if role == NORM:
+            for sub_name, sub_reg in _nested_regularizers(module):
+                full = f"{qualname}.{sub_name}"
+                sub = module.get_submodule(sub_name)
+                self.module_types[full] = type(sub).__name__
+                op = self.add(full, MODULE, type(sub).__name__, REGULARIZER, sub_reg, [op.index])
+        return op
+
+    def add_function_call(self, owner: str, fn: Any, args: tuple, kwargs: dict, inputs) -> Op:
+        name = kinds.function_name(fn)
+        reg = kinds.regularizer_of_call(fn, args, kwargs) if not isinstance(fn, str) else None
+        role = REGULARIZER if reg is not None else None
+        qual = self.namer(owner, name) if reg is not None else f"{owner}:{name}"
+        return self.add(qual, FUNCTION, name, role, reg, inputs)
+
+    def graph(self, traced_with: str) -> DataflowGraph:
+        return DataflowGraph(self.ops, traced_with, module_types=self.module_types)
+
+
+# --------------------------------------------------------------------------- fx
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m)
+
+
+def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
+def fx_graph_module(model: nn.Module, training: bool = True) -> torch.fx.GraphModule:
+    """An fx GraphModule of ``model`` traced in train (or eval) mode, norms as leaves.
+
+    The model's modes are restored afterwards. Raises whatever fx raises when it cannot trace.
+    """
+    with preserved_modes(model):
+        model.train(training)
+        return _fx_trace(model)
+
+
+def _fx_to_dataflow(gm: torch.fx.GraphModule) -> DataflowGraph:
+    b = _Builder(gm)
+    index: dict[torch.fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            name = kinds.function_name(node.target)
+        elif node.op == "call_method":
+            name = node.target
+        else:
+            name = node.op
+        if node.op in ("call_function", "call_method"):
+            positional = list(node.args)
+            head = _value_inputs(name, positional, first_only=False)
+            rest_kw = [] if name in kinds.META_OPS or name in kinds.FIRST_ARG_ONLY_OPS else list(
+                node.kwargs.values()
+            )
+            producers = _nodes_in(head + rest_kw)
+        else:
+            producers = _nodes_in([node.args, node.kwargs])
+        inputs = [index[n] for n in producers if n in index]
+        if node.op == "placeholder":
+            op = b.add(node.name, INPUT, "input")
+        elif node.op == "get_attr":
+            op = b.add(str(node.target), CONSTANT, "get_attr")
+        elif node.op == "call_module":
+            op = b.add_module_call(str(node.target), gm.get_submodule(node.target), inputs)
+        elif node.op in ("call_function", "call_method"):
+            op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs)
+        else:
+            op = b.add("output", OUTPUT, "output", inputs=inputs)
+        index[node] = op.index
+    return b.graph("fx")
+
+
+def _nodes_in(obj: Any) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(obj, lambda n: found.append(n) or n)
+    return found
+
+
+def _fx_owner(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    qual = list(stack.values())[-1][0]
+    return qual if isinstance(qual, str) else str(qual)
+
+
+def fx_graph(model: nn.Module) -> DataflowGraph:
+    """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
+    graph = _fx_to_dataflow(fx_graph_module(model, training=True))
+    eval_graph = _fx_to_dataflow(fx_graph_module(model, training=False))
+    graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    return graph
+
+
+def _fires_in_eval(op: Op) -> bool:
+    return (
+        op.kind == FUNCTION
+        and op.reg is not None
+        and op.reg.training is True
+        and (op.reg.p or 0) > 0
+    )
+
+
+# --------------------------------------------------------------------------- dynamic
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Records every torch function call made outside leaf modules."""
+
+    def __init__(self, tracer: "_DynamicTracer") -> None:
+        super().__init__()
+        self.t = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.t.leaf_depth == 0:
+            self.t.record_call(func, args, kwargs, out)
+        return out
+
+
+def _dyn_name(func: Any) -> str:
+    name = kinds.function_name(func)
+    if name == "__get__" and hasattr(func, "__self__"):
+        return getattr(func.__self__, "__name__", name)  # a property: x.shape, x.T
+    return name
+
+
+class _DynamicTracer:
+    def __init__(self, model: nn.Module) -> None:
+        self.b = _Builder(model)
+        self.producer: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []  # keeps ids unique while tracing
+        self.leaf_depth = 0
+        self.stack: list[str] = []
+
+    def _tensors(self, obj: Any) -> list[torch.Tensor]:
+        leaves, _ = torch.utils._pytree.tree_flatten(obj)
+        return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+    def _producers(self, obj: Any) -> list[int]:
+        return [self.producer[id(t)] for t in self._tensors(obj) if id(t) in self.producer]
+
+    def _set_outputs(self, obj: Any, op: Op) -> None:
+        for t in self._tensors(obj):
+            self.producer[id(t)] = op.index
+            self.keep.append(t)
+
+    def record_call(self, func, args, kwargs, out) -> None:
+        name = _dyn_name(func)
+        value_args = _value_inputs(name, args, first_only=False)
+        kw = {} if name in kinds.META_OPS or name in kinds.FIRST_ARG_ONLY_OPS else kwargs
+        inputs = self._producers((value_args, kw))
+        if not self._tensors(out) and name not in ("__setitem__",) and not name.endswith("_"):
+            return  # shape arithmetic and the like: nothing flows on
+        owner = self.stack[-1] if self.stack else ""
+        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs)
+        self._set_outputs(out, op)
+        inplace = name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))
+        if inplace and args and isinstance(args[0], torch.Tensor):
+            self._set_outputs(args[0], op)
+        if isinstance(kwargs.get("out"), torch.Tensor):
+            self._set_outputs(kwargs["out"], op)
+
+    def pre_hook(self, name: str, leaf: bool):
+        def hook(module, args, kwargs):
+            if leaf:
+                if self.leaf_depth == 0:
+                    self._pending_inputs.append(self._producers((args, kwargs)))
+                self.leaf_depth += 1
+            self.stack.append(name)
+
+        return hook
+
+    def post_hook(self, name: str, leaf: bool):
+        def hook(module, args, kwargs, output):
+            self.stack.pop()
+            if leaf:
+                self.leaf_depth -= 1
+                if self.leaf_depth == 0:
+                    inputs = self._pending_inputs.pop()
+                    op = self.b.add_module_call(name, module, inputs)
+                    self._set_outputs(output, op)
+
+        return hook
+
+    def run(self, model: nn.Module, example: torch.Tensor) -> DataflowGraph:
+        self._pending_inputs: list[list[int]] = []
+        inp = self.b.add("input", INPUT, "input")
+        self._set_outputs(example, inp)
+        handles: list = []
+        with removing(handles):
+            for name, module in model.named_modules():
+                if not name:
+                    continue
+                leaf = is_leaf(module)
+                handles.append(
+                    module.register_forward_pre_hook(self.pre_hook(name, leaf), with_kwargs=True)
+                )
+                handles.append(
+                    module.register_forward_hook(self.post_hook(name, leaf), with_kwargs=True)
+                )
+            with _Recorder(self):
+                out = model(example)
+        self.b.add("output", OUTPUT, "output", inputs=self._producers(out))
+        return self.b.graph("dynamic")
+
+
+def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> DataflowGraph:
+    with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model.train(training)
+        for m in model.modules():
+            if kinds.is_norm(m):
+                m.eval()  # running statistics stay untouched; batch size 1 works
+        return _DynamicTracer(model).run(model, example)
+
+
+def dynamic_graph(model: nn.Module, example: torch.Tensor) -> DataflowGraph:
+    """Trace ``model`` by running it once on ``example``.
+
+    Raises:
+        TraceError: the model does not run on ``example``.
+    """
+    try:
+        graph = _run_dynamic(model, example, training=True)
+        if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+            eval_graph = _run_dynamic(model, example, training=False)
+            graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    except Exception as exc:  # the user's model raised on the example input
+        shape = tuple(example.shape)
+        raise TraceError(
+            f"the model does not run on an example input of shape {shape}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    return graph
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> DataflowGraph:
+    """The dataflow graph of ``model``: fx first, the dynamic trace when fx cannot.
+
+    Raises:
+        TraceError: fx cannot trace the model and no ``example_input`` was given (the message
+            names ``--input-shape``), or the model does not run on ``example_input``.
+    """
+    try:
+        return fx_graph(model)
+    except Exception as fx_exc:  # fx raises many types for untraceable Python
+        if example_input is None:
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__} ({type(fx_exc).__name__}: "
+                f"{_first_line(fx_exc)}); pass --input-shape (for example --input-shape "
+                "1,3,224,224) so varshift can trace it by running it once on an example input"
+            ) from fx_exc
+    return dynamic_graph(model, example_input)

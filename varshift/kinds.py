@@ -1,0 +1,187 @@
+"""What varshift recognizes, as plain data, and the few functions that match against it.
+
+Regularizers and norms are recognized by class (or function) *name*, looking through the
+class's MRO, so third-party layers (torchvision's ``StochasticDepth``, timm's ``DropPath`` and
+``DropBlock2d``, timm's ``BatchNormAct2d``) are found without importing their libraries.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# Regularizer kinds. The predicted variance shift of each is in ``predicted_shift``.
+DROPOUT = "dropout"
+CHANNEL_DROPOUT = "channel_dropout"
+ALPHA_DROPOUT = "alpha_dropout"
+DROP_PATH = "drop_path"
+DROPBLOCK = "dropblock"
+UOUT = "uout"
+
+#: Module class name -> (kind, attribute that holds the drop probability / noise width).
+REGULARIZER_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Dropout": (DROPOUT, ("p",)),
+    "Dropout1d": (CHANNEL_DROPOUT, ("p",)),
+    "Dropout2d": (CHANNEL_DROPOUT, ("p",)),
+    "Dropout3d": (CHANNEL_DROPOUT, ("p",)),
+    "AlphaDropout": (ALPHA_DROPOUT, ("p",)),
+    "FeatureAlphaDropout": (ALPHA_DROPOUT, ("p",)),
+    "StochasticDepth": (DROP_PATH, ("p", "drop_prob")),  # torchvision.ops
+    "DropPath": (DROP_PATH, ("drop_prob", "p", "drop_rate")),  # timm.layers
+    "DropBlock2d": (DROPBLOCK, ("drop_prob", "p")),  # timm.layers
+    "DropBlock2D": (DROPBLOCK, ("drop_prob", "p")),  # dropblock (pip)
+    "DropBlock": (DROPBLOCK, ("drop_prob", "p")),
+    "Uout": (UOUT, ("beta",)),  # varshift.Uout
+}
+
+#: Function name -> (kind, parameter names for p, parameter names for the training flag).
+#: Covers torch.nn.functional, the torch.* ATen bindings, torchvision.ops.stochastic_depth,
+#: and timm's drop_path / drop_block_2d.
+REGULARIZER_FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "dropout": (DROPOUT, ("p",), ("training", "train")),
+    "dropout_": (DROPOUT, ("p",), ("training", "train")),
+    "dropout1d": (CHANNEL_DROPOUT, ("p",), ("training", "train")),
+    "dropout2d": (CHANNEL_DROPOUT, ("p",), ("training", "train")),
+    "dropout3d": (CHANNEL_DROPOUT, ("p",), ("training", "train")),
+    "feature_dropout": (CHANNEL_DROPOUT, ("p",), ("training", "train")),
+    "feature_dropout_": (CHANNEL_DROPOUT, ("p",), ("training", "train")),
+    "alpha_dropout": (ALPHA_DROPOUT, ("p",), ("training", "train")),
+    "alpha_dropout_": (ALPHA_DROPOUT, ("p",), ("training", "train")),
+    "feature_alpha_dropout": (ALPHA_DROPOUT, ("p",), ("training", "train")),
+    "feature_alpha_dropout_": (ALPHA_DROPOUT, ("p",), ("training", "train")),
+    "stochastic_depth": (DROP_PATH, ("p",), ("training",)),
+    "drop_path": (DROP_PATH, ("drop_prob", "p"), ("training",)),
+    "drop_block_2d": (DROPBLOCK, ("drop_prob",), ()),
+    "drop_block_fast_2d": (DROPBLOCK, ("drop_prob",), ()),
+}
+
+#: Positional layout of the ATen bindings, whose signatures ``inspect`` cannot read:
+#: ``torch.dropout(input, p, train)``.
+_ATEN_POSITIONAL = ("input", "p", "train")
+
+#: Norm class names recognized without ``isinstance`` (third-party BatchNorms that do not
+#: subclass torch's). torch's own ``_BatchNorm`` family is matched by ``isinstance``.
+NORM_CLASS_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNorm")
+
+#: Ops whose output carries no values of their tensor inputs (only shape, dtype or device),
+#: so dataflow does not pass through them.
+META_OPS = frozenset(
+    {
+        "size", "dim", "numel", "shape", "dtype", "device", "ndim", "ndimension", "len",
+        "is_contiguous", "is_floating_point", "element_size", "nelement", "stride",
+        "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+        "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",
+        "get_device", "data_ptr",
+    }
+)
+
+#: Ops whose value flows from the first argument only; the others give shape or dtype.
+FIRST_ARG_ONLY_OPS = frozenset({"type_as", "view_as", "reshape_as", "expand_as", "to"})
+
+
+@dataclass(frozen=True)
+class RegularizerInfo:
+    """A recognized regularizer call: its kind, drop probability and training flag."""
+
+    kind: str
+    p: float | None
+    training: bool | None  # functional only: the value of the ``training`` argument
+
+
+def class_names(obj_type: type) -> list[str]:
+    """The names of ``obj_type`` and its bases, most derived first."""
+    return [c.__name__ for c in obj_type.__mro__]
+
+
+def regularizer_of_module(module: Any) -> RegularizerInfo | None:
+    """Recognize a regularizer module by its class name (or a base's); None if it is not one."""
+    for name in class_names(type(module)):
+        if name in REGULARIZER_CLASSES:
+            kind, attrs = REGULARIZER_CLASSES[name]
+            p = _first_number(module, attrs)
+            return RegularizerInfo(kind=kind, p=p, training=None)
+    return None
+
+
+def is_norm(module: Any) -> bool:
+    """True for a norm that normalizes with stored running statistics at inference.
+
+    BatchNorm-family layers (torch's ``_BatchNorm`` and any subclass, SyncBatchNorm, lazy
+    variants, third-party ``*BatchNorm*d`` classes by name) that track running statistics.
+    LayerNorm, GroupNorm, RMSNorm and InstanceNorm are never norms in this sense.
+    """
+    import torch.nn as nn
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return bool(module.track_running_stats) and getattr(module, "running_var", None) is not None
+    names = class_names(type(module))
+    if any(n in NORM_CLASS_NAMES for n in names) and not any("Frozen" in n for n in names):
+        return getattr(module, "running_var", None) is not None
+    return False
+
+
+def function_name(fn: Any) -> str:
+    """The bare name of a callable (``torch.nn.functional.dropout`` -> ``dropout``)."""
+    if isinstance(fn, str):
+        return fn
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def regularizer_of_call(fn: Any, args: tuple, kwargs: dict) -> RegularizerInfo | None:
+    """Recognize a functional regularizer call and read its p and training flag."""
+    name = function_name(fn)
+    if name not in REGULARIZER_FUNCTIONS:
+        return None
+    kind, p_names, train_names = REGULARIZER_FUNCTIONS[name]
+    bound = _bind(fn, args, kwargs)
+    p = next((bound[n] for n in p_names if n in bound), None)
+    training: Any = next((bound[n] for n in train_names if n in bound), None)
+    if not train_names:
+        training = True  # drop_block_2d has no flag: callers only call it in training
+    return RegularizerInfo(
+        kind=kind,
+        p=float(p) if isinstance(p, (int, float)) else None,
+        training=training if isinstance(training, bool) else None,
+    )
+
+
+def predicted_shift(kind: str, p: float | None) -> float | None:
+    """The variance shift a regularizer predicts at a norm it feeds directly.
+
+    The paper's zero-mean estimate: inverted dropout (and drop-path, DropBlock) with drop
+    probability p scales the variance by 1/(1-p); Uout with width beta by 1 + beta^2/3.
+    AlphaDropout keeps mean and variance for standardized (SELU) inputs: 1.0.
+    """
+    if p is None:
+        return None
+    if kind == UOUT:
+        return 1.0 + p * p / 3.0
+    if kind == ALPHA_DROPOUT:
+        return 1.0
+    if p >= 1.0:
+        return float("inf")
+    return 1.0 / (1.0 - p)
+
+
+def _first_number(obj: Any, attrs: tuple[str, ...]) -> float | None:
+    for attr in attrs:
+        value = getattr(obj, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
+            return float(value.item())
+    return None
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Map a call's arguments to parameter names, defaults included."""
+    try:
+        sig = inspect.signature(fn)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except (TypeError, ValueError):
+        merged = dict(zip(_ATEN_POSITIONAL, args))
+        merged.update(kwargs)
+        return merged

@@ -1,0 +1,440 @@
+"""Loading models safely.
+
+A file is read with ``torch.load(weights_only=True)`` plus an allow-list of torch.nn (and
+varshift) classes, so a whole module built from standard layers loads with no flag and no
+code runs. A pickle that needs any other class is refused, naming the classes; ``trust=True``
+is the only path to ``weights_only=False``.
+
+A state dict, or a training checkpoint holding one, is loaded into the module that ``arch``
+builds. The :class:`LoadedModel` remembers the file's layout so that fixed statistics can be
+written back in the same form (see :func:`save_like`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch
+
+#: Checkpoint keys that hold the model's state dict, in order of preference.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "net",
+    "network",
+    "module",
+    "weights",
+    "params",
+    "state",
+)
+
+#: Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+SUPPORTED = (
+    "varshift reads torch.save files: a whole module (torch.save(model, path)), or a state dict "
+    "or training checkpoint with --arch pkg.module:fn"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from.
+
+    Attributes:
+        module: the model, in the mode it was saved in.
+        path: the file it was read from.
+        form: ``module`` (a whole pickled module), ``checkpoint`` (a state dict, alone or
+            inside a checkpoint dict, loaded into ``arch``'s module), or ``checkpoint-module``
+            (a whole module stored inside a checkpoint dict).
+        container: what ``torch.load`` returned, for writing back in the same layout.
+        state_path: the keys leading from ``container`` to the state dict (``()``: itself).
+        key_map: module state-dict key -> the key in the file (prefixes the file had).
+        notes: things worth telling the user (an ignored ``--arch``, ...).
+    """
+
+    module: Any
+    path: Path
+    form: str
+    container: Any = None
+    state_path: tuple[str, ...] = ()
+    key_map: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    trusted: bool = False
+
+
+# --------------------------------------------------------------------------- allow-list
+
+
+def safe_classes() -> list[type]:
+    """Every ``torch.nn`` module class plus varshift's own, for ``torch.serialization``."""
+    import torch.nn as nn
+
+    from .uout import Uout
+
+    found: set[type] = {Uout, nn.Parameter}
+    stack = [nn.Module]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub not in found:
+                stack.append(sub)
+                mod = sub.__module__
+                if mod.startswith("torch.nn.") or mod.startswith("torch.ao.nn."):
+                    found.add(sub)
+    found.add(nn.Module)
+    return sorted(found, key=lambda c: (c.__module__, c.__qualname__))
+
+
+def _safe_names() -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in safe_classes()}
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def _sniff(path: Path) -> str:
+    """``zip``, ``legacy`` (old torch.save pickle), or raise LoadError for what we don't read."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            raise LoadError(f"{path} is truncated or corrupt (a damaged zip archive); {SUPPORTED}")
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise LoadError(
+                f"{path} is a TorchScript archive (torch.jit.save), which varshift does not read "
+                f"yet; {SUPPORTED}"
+            )
+        if not any(n.endswith("data.pkl") for n in names):
+            raise LoadError(f"{path} is a zip archive but not a torch.save file; {SUPPORTED}")
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy"
+    if _looks_like_onnx(path, head):
+        raise LoadError(
+            f"{path} is an ONNX model; varshift works on the PyTorch model before export "
+            f"({SUPPORTED})"
+        )
+    if _looks_like_safetensors(head):
+        raise LoadError(
+            f"{path} is a safetensors file, which varshift does not read yet; load it into your "
+            "model and torch.save(model.state_dict(), ...) first"
+        )
+    raise LoadError(f"{path} is not a PyTorch file (unrecognized format); {SUPPORTED}")
+
+
+def _looks_like_onnx(path: Path, head: bytes) -> bool:
+    if path.suffix.lower() == ".onnx":
+        return True
+    # ModelProto starts with field 1 (ir_version, varint): tag byte 0x08.
+    if head[:1] != b"\x08":
+        return False
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return model.ir_version > 0 and len(model.graph.node) > 0
+    except Exception:  # not ONNX after all
+        return False
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < 100_000_000 and head[8:9] == b"{"
+
+
+# --------------------------------------------------------------------------- torch.load
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` on CPU, weights-only with the allow-list unless ``trust``."""
+    import torch
+
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(safe_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+            raise _refusal(path, exc) from None
+        raise LoadError(f"{path} is truncated or corrupt (unpickling failed: {_short(exc)})")
+    except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ModuleNotFoundError,
+            ImportError, TypeError, IndexError, KeyError) as exc:
+        text = _short(exc)
+        if "central directory" in text or "zip archive" in text or isinstance(exc, EOFError):
+            raise LoadError(f"{path} is truncated or corrupt ({text})")
+        if trust and isinstance(exc, (AttributeError, ModuleNotFoundError, ImportError)):
+            raise LoadError(
+                f"{path} needs code that is not importable here ({text}); make the model's "
+                "package importable, or save a state dict and pass --arch"
+            )
+        raise LoadError(f"{path} could not be loaded ({type(exc).__name__}: {text})")
+
+
+def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
+    import torch
+
+    classes: list[str] = []
+    try:
+        classes = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy format: read the names from the message
+        pass
+    if not classes:
+        classes = re.findall(r"(?:GLOBAL|Unsupported global:?)\s+([\w.]+)", str(exc))
+    safe = _safe_names()
+    needed = sorted({c for c in classes if c not in safe}) or classes
+    shown = ", ".join(needed[:6]) + (f" (+{len(needed) - 6} more)" if len(needed) > 6 else "")
+    return RefusedPickleError(
+        f"refused to unpickle {path}: it needs {shown or 'classes'} outside varshift's safe list "
+        "(torch.nn and varshift); pass --arch pkg.module:fn with a state dict, or --trust if you "
+        "trust this file (unpickling can run arbitrary code)",
+        needed,
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- arch
+
+
+def parse_arch_args(text: str | None) -> dict:
+    """Parse ``--arch-args``: a JSON object (None or empty: ``{}``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArchError(f"--arch-args is not valid JSON ({exc.msg} at char {exc.pos}): {text!r}")
+    if not isinstance(value, dict):
+        raise ArchError(
+            f"--arch-args must be a JSON object such as '{{\"drop_rate\": 0.2}}', got {text!r}"
+        )
+    return value
+
+
+def resolve_arch(spec: str) -> Callable:
+    """Import ``pkg.module:callable`` or ``path/to/file.py:callable``."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ArchError(
+            f"--arch {spec!r} must be pkg.module:callable or path/to/file.py:callable"
+        )
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        module = _import_file(Path(target), spec)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise ArchError(f"--arch {spec!r}: cannot import {target!r} ({type(exc).__name__}: "
+                            f"{_short(exc)})")
+    fn = getattr(module, attr, None)
+    if fn is None:
+        options = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
+        raise ArchError(
+            f"--arch {spec!r}: {target} has no attribute {attr!r}; callables there: "
+            f"{', '.join(options[:12]) or 'none'}"
+        )
+    if not callable(fn):
+        raise ArchError(f"--arch {spec!r}: {attr} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def _import_file(path: Path, spec: str):
+    if not path.is_file():
+        raise ArchError(f"--arch {spec!r}: no such file {path}")
+    name = f"varshift_arch_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ArchError(f"--arch {spec!r}: {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ArchError(f"--arch {spec!r}: importing {path} failed ({type(exc).__name__}: "
+                        f"{_short(exc)})")
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def build_arch(spec: str, arch_args: dict) -> Any:
+    """Call the ``--arch`` callable with ``arch_args`` and check it returns an nn.Module."""
+    import torch.nn as nn
+
+    fn = resolve_arch(spec)
+    try:
+        module = fn(**arch_args)
+    except Exception as exc:
+        raise ArchError(f"--arch {spec!r}: calling it with {json.dumps(arch_args)} failed "
+                        f"({type(exc).__name__}: {_short(exc)})")
+    if not isinstance(module, nn.Module):
+        raise ArchError(f"--arch {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return (
+        isinstance(obj, dict)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def find_state_dict(obj: Any) -> tuple[tuple[str, ...], Any] | None:
+    """Locate a state dict (or a whole module) in a checkpoint: (key path, value) or None."""
+    import torch.nn as nn
+
+    if _is_state_dict(obj) or isinstance(obj, nn.Module):
+        return (), obj
+    if not isinstance(obj, dict):
+        return None
+    for key in STATE_DICT_KEYS:
+        if key in obj:
+            found = find_state_dict(obj[key])
+            if found is not None:
+                return (key, *found[0]), found[1]
+    return None
+
+
+def strip_prefixes(keys: list[str]) -> dict[str, str]:
+    """Map stripped key -> original key, removing ``module.`` / ``_orig_mod.`` prefixes."""
+    out = {}
+    for key in keys:
+        new = key
+        while new.startswith(STRIP_PREFIXES):
+            new = new.split(".", 1)[1]
+        out[new] = key
+    return out
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def load_state_into(module: Any, state: dict, source: str) -> dict[str, str]:
+    """``load_state_dict`` with prefixes stripped; on mismatch, a message with the keys."""
+    key_map = strip_prefixes(list(state))
+    stripped = {k: state[v] for k, v in key_map.items()}
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in stripped and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in stripped if k not in expected]
+    shapes = [
+        f"{k} {tuple(stripped[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in stripped and tuple(stripped[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (file vs model): {_few(shapes, 3)}")
+        raise StateDictMismatch(
+            f"the state dict in {source} does not fit the module --arch built: " + "; ".join(parts)
+        )
+    module.load_state_dict(stripped, strict=False)
+    return key_map
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def check_readable(path: Path, what: str = "MODEL") -> None:
+    if not path.exists():
+        raise LoadError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise LoadError(f"{what} {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{what} {path} is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise LoadError(f"{what} {path} is not readable (permission denied)")
+
+
+def load_model(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    arch_args: dict | None = None,
+    trust: bool = False,
+) -> LoadedModel:
+    """Load a model file safely.
+
+    Args:
+        path: a ``torch.save`` file: a whole module, a state dict, or a checkpoint dict.
+        arch: ``pkg.module:fn`` or ``file.py:fn`` building the module for a state dict.
+        arch_args: keyword arguments for ``arch``.
+        trust: allow arbitrary unpickling (``weights_only=False``). Only for trusted files.
+
+    Returns:
+        A :class:`LoadedModel`. The module is on CPU, in the mode it was saved in.
+
+    Raises:
+        LoadError (and subclasses): with a one-line message naming the problem.
+    """
+    import torch.nn as nn
+
+    path = Path(path)
+    check_readable(path)
+    _sniff(path)
+    obj = _torch_load(path, trust)
+    found = find_state_dict(obj)
+    if found is None:
+        raise LoadError(
+            f"{path} holds a {type(obj).__name__}, not a model, a state dict or a checkpoint "
+            f"with one of the keys {', '.join(STATE_DICT_KEYS[:4])}, ...; {SUPPORTED}"
+        )
+    state_path, value = found
+    if isinstance(value, nn.Module):
+        loaded = LoadedModel(
+            value, path, "module" if not state_path else "checkpoint-module", obj, state_path,
+            trusted=trust,
+        )
+        if arch:
+            loaded.notes.append(f"{path} holds a whole module; --arch {arch} was not needed")
+        return loaded
+    if not arch:
+        raise LoadError(
+            f"{path} is a state dict ({len(value)} tensors) without the code that builds the "
+            "model; pass --arch pkg.module:fn or --arch path/to/file.py:fn (and --arch-args "
+            "'{...}' for its arguments)"
+        )
+    module = build_arch(arch, arch_args or {})
+    key_map = load_state_into(module, value, str(path))
+    return LoadedModel(module, path, "checkpoint", obj, state_path, key_map, trusted=trust)

@@ -1,0 +1,204 @@
+"""Graph rules: from a dataflow graph to findings. Pure functions of the graph."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import kinds
+from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
+from .reports import Finding, severity_rank, NormEntry, RegularizerEntry, ScanReport
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+#: The rules, as data: name -> what it means.
+RULES = {
+    "regularizer-before-norm": (
+        "an active regularizer feeds a BatchNorm: its running variance records the "
+        "training-time variance, which inference never sees"
+    ),
+    "dropout-at-inference": (
+        "a functional dropout stays active in eval mode (training=True hard-coded): "
+        "inference is random"
+    ),
+}
+
+#: Severity of ``regularizer-before-norm`` by predicted shift: the first threshold reached.
+SEVERITY_BY_SHIFT = ((1.10, "error"), (1.01, "warning"), (0.0, "info"))
+
+#: Kinds whose zero-mean estimate understates the risk get at least this severity.
+MIN_SEVERITY = {kinds.ALPHA_DROPOUT: "warning"}
+
+_MOVABLE = (kinds.DROPOUT, kinds.CHANNEL_DROPOUT, kinds.ALPHA_DROPOUT)
+
+
+def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> ScanReport:
+    """Find every regularizer that reaches a BatchNorm in ``model``'s dataflow graph.
+
+    Traces with torch.fx; when fx cannot trace the model, runs it once on ``example_input``
+    (required then) and records the ops. The model's parameters, buffers and modes are left
+    as they were.
+
+    Returns:
+        A :class:`ScanReport`; ``bool(report)`` is False when a finding has severity error.
+
+    Raises:
+        TraceError: fx cannot trace the model and no example input was given, or the model
+            does not run on the example input.
+    """
+    graph = trace(model, example_input)
+    report = scan_graph(graph, type(model).__name__)
+    if graph.traced_with == "dynamic" and example_input is not None:
+        report.notes.append(
+            "torch.fx could not trace this model; it was traced by running it once on an "
+            f"input of shape {tuple(example_input.shape)} (branches not taken then are not seen)"
+        )
+    return report
+
+
+def _grouped(ops: list[Op]) -> dict[str, list[Op]]:
+    """Ops by name, in order of first execution (a shared module is called more than once)."""
+    out: dict[str, list[Op]] = {}
+    for op in ops:
+        out.setdefault(op.name, []).append(op)
+    return out
+
+
+def _is_active(op: Op) -> bool:
+    reg = op.reg
+    assert reg is not None
+    if op.kind == FUNCTION and reg.training is False:
+        return False
+    return reg.p is None or reg.p > 0
+
+
+def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
+    """Apply the rules to a dataflow graph."""
+    reg_groups = _grouped([op for op in graph.ops if op.role == REGULARIZER])
+    norm_groups = _grouped([op for op in graph.ops if op.role == NORM])
+    norm_order = {name: i for i, name in enumerate(norm_groups)}
+    always_on = {op.name for op in graph.always_on}
+    last_norm = next(reversed(norm_groups), None)
+
+    def names(indices: set[int]) -> list[str]:
+        return sorted({graph.ops[i].name for i in indices}, key=norm_order.__getitem__)
+
+    regularizers: list[RegularizerEntry] = []
+    findings: list[Finding] = []
+    reached_by: dict[str, list[str]] = {name: [] for name in norm_groups}
+    direct_norms: set[str] = set()
+
+    for name, ops in reg_groups.items():
+        first = ops[0]
+        reaches = names({i for op in ops for i in graph.downstream(op.index)})
+        direct = names({i for op in ops for i in graph.downstream(op.index, stop_at_norms=True)})
+        is_always_on = name in always_on
+        active = any(_is_active(op) for op in ops)
+        entry = RegularizerEntry(
+            name=name,
+            kind=first.reg.kind,
+            type=first.target,
+            p=first.reg.p,
+            active=active,
+            functional=first.kind == FUNCTION,
+            reaches=reaches,
+            always_on=is_always_on,
+        )
+        regularizers.append(entry)
+        if is_always_on:
+            findings.append(_inference_finding(entry, direct))
+            continue
+        if not active or not reaches:
+            continue
+        for norm in reaches:
+            reached_by[norm].append(name)
+        direct_norms.update(direct)
+        findings.append(_shift_finding(entry, direct, len(reaches), last_norm))
+
+    # Always-on calls seen only in the eval-mode trace (a branch train mode does not take).
+    seen = {r.name for r in regularizers}
+    for op in graph.always_on:
+        if op.name not in seen:
+            entry = RegularizerEntry(op.name, op.reg.kind, op.target, op.reg.p, True, True, [], True)
+            regularizers.append(entry)
+            findings.append(_inference_finding(entry, []))
+
+    norms = [
+        NormEntry(
+            name=name,
+            type=ops[0].target,
+            affected=bool(reached_by[name]),
+            direct=name in direct_norms,
+            reached_by=reached_by[name],
+        )
+        for name, ops in norm_groups.items()
+    ]
+    return ScanReport(model_name, graph.traced_with, regularizers, norms, findings)
+
+
+def _severity(kind: str, shift: float | None) -> str:
+    if shift is None:
+        severity = "warning"
+    else:
+        severity = next(sev for threshold, sev in SEVERITY_BY_SHIFT if shift >= threshold)
+    floor = MIN_SEVERITY.get(kind, "info")
+    return max(severity, floor, key=severity_rank)
+
+
+def _shift_finding(
+    reg: RegularizerEntry, direct: list[str], downstream: int, last_norm: str | None
+) -> Finding:
+    shift = kinds.predicted_shift(reg.kind, reg.p)
+    what = f"{reg.type}(p={reg.p:g})" if reg.p is not None else reg.type
+    if reg.kind == kinds.UOUT:
+        what = f"Uout(beta={reg.p:g})"
+    estimate = (
+        f"predicted shift ~{shift:.3g}x (zero-mean estimate)" if shift is not None else
+        "shift cannot be predicted (p unknown)"
+    )
+    message = (
+        f"{reg.name} [{what}] feeds {', '.join(direct)}"
+        f"{f' and {downstream - len(direct)} more BatchNorm layer(s) downstream' if downstream > len(direct) else ''}"
+        f": {estimate}"
+    )
+    if reg.kind == kinds.UOUT:
+        remedy = "Uout is the paper's variance-stable remedy; recalibrate if the small shift matters"
+    elif reg.kind in _MOVABLE:
+        remedy = (
+            "run `varshift recalibrate --exact` to fix the BatchNorm statistics now; or swap to "
+            "Uout (`varshift swap`) and fine-tune; or move the dropout after the last "
+            f"BatchNorm ({last_norm})"
+        )
+    else:
+        remedy = (
+            "run `varshift recalibrate --exact` to fix the BatchNorm statistics "
+            f"({reg.kind.replace('_', '-')} sits inside the network and cannot move after the "
+            "last BatchNorm); or swap to Uout (`varshift swap`) and fine-tune"
+        )
+    if reg.kind == kinds.ALPHA_DROPOUT:
+        message += "; AlphaDropout keeps the variance only for standardized SELU inputs"
+    return Finding(
+        rule="regularizer-before-norm",
+        severity=_severity(reg.kind, shift),
+        regularizer=reg.name,
+        direct=direct,
+        downstream_count=downstream,
+        predicted_shift=shift,
+        remedy=remedy,
+        message=message,
+    )
+
+
+def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
+    return Finding(
+        rule="dropout-at-inference",
+        severity="error",
+        regularizer=reg.name,
+        direct=direct,
+        downstream_count=len(reg.reaches),
+        predicted_shift=None,
+        remedy=f"pass training=self.training to {reg.type}() so it is off in eval mode",
+        message=f"{reg.name} [{reg.type}(p={reg.p:g})] is active in eval mode: every "
+        "inference is random",
+    )
