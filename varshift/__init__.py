@@ -23,7 +23,15 @@ from ._version import __version__
 _LAZY = {
     "scan": "varshift.rules",
     "ScanReport": "varshift.reports",
+    "probe": "varshift.probing",
+    "ProbeReport": "varshift.reports",
     "Uout": "varshift.uout",
+    "recalibrate": "varshift.recalib",
+    "RecalibrationReport": "varshift.reports",
+    "swap": "varshift.swapping",
+    "SwapReport": "varshift.reports",
+    "export_onnx": "varshift.export",
+    "ParityResult": "varshift.reports",
     "load_model": "varshift.loading",
     "VarshiftError": "varshift.errors",
 }

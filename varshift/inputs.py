@@ -16,3 +16,54 @@ def example_input(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> to
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=model_dtype(model))
     return x.to(model_device(model))
+
+
+def expected_input(model: nn.Module) -> str | None:
+    """What the model's first weighted layer expects, e.g. ``features.0 (Conv2d) expects
+    (N, 3, H, W)``; None when it cannot tell. A heuristic for error messages."""
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}
+    for name, m in model.named_modules():
+        desc = None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = len(m.kernel_size)
+            desc = f"(N, {m.in_channels}, {spatial.get(dims, '...')})"
+        elif isinstance(m, nn.Linear):
+            desc = f"(N, {m.in_features}) or (N, ..., {m.in_features})"
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            desc = f"integer token ids < {m.num_embeddings}"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and hasattr(m, "num_features"):
+            desc = f"(N, {m.num_features}, ...)"
+        if desc:
+            return f"the first layer {name or '(root)'} ({type(m).__name__}) expects {desc}"
+    return None
+
+
+def fit_error(model: nn.Module, x: torch.Tensor, exc: BaseException, where: str = "DATA"):
+    """A one-line DataError for inputs that do not fit ``model``."""
+    from .errors import DataError
+
+    detail = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    expected = expected_input(model)
+    hint = f"; {expected}" if expected else ""
+    return DataError(
+        f"{where} does not fit the model: inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
+        f"{hint} ({type(exc).__name__}: {detail})"
+    )
+
+
+def input_preparer(model: nn.Module, device: torch.device | None = None):
+    """A function that moves a batch to the model's device (or ``device``) and dtype.
+
+    Floating inputs (and integer images) take the model's floating dtype; integer inputs stay
+    integers for models that embed tokens (``nn.Embedding``).
+    """
+    device = device or model_device(model)
+    dtype = model_dtype(model)
+    keep_ints = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        if keep_ints and not x.is_floating_point():
+            return x.to(device)
+        return x.to(device=device, dtype=dtype)
+
+    return prepare

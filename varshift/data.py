@@ -1,0 +1,256 @@
+"""Calibration data: files and callables -> a re-iterable sequence of ``(inputs, labels)`` batches.
+
+Formats (DESIGN.md): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)``, a dict with
+``inputs``/``x`` and optional ``labels``/``y``, or a TensorDataset; read with
+``weights_only=True``), ``.npy``, ``.npz`` (arrays ``inputs``/``x`` and ``labels``/``y``, or a
+single array), and ``pkg.module:callable`` / ``file.py:callable`` returning an iterable of
+batches (tensors, ``(inputs, labels)`` pairs or dicts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .loading import check_readable, resolve_arch
+
+INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
+LABEL_KEYS = ("labels", "label", "y", "targets", "target")
+
+SUPPORTED = (
+    "DATA must be a .pt file (a tensor, (inputs, labels), a dict with 'inputs'/'x' and "
+    "'labels'/'y', or a TensorDataset), a .npy or .npz file, or pkg.module:callable returning "
+    "an iterable of batches"
+)
+
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def split_batch(batch: Any, where: str = "batch") -> Batch:
+    """Normalize one batch to ``(inputs, labels or None)``."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(batch), None
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        if x is None:
+            raise DataError(
+                f"{where} is a dict with keys {sorted(batch)[:8]}; expected one of {INPUT_KEYS}"
+            )
+        return _as_tensor(x, where), None if y is None else _as_tensor(y, where)
+    if isinstance(batch, (tuple, list)) and batch and _is_array(batch[0]):
+        x = _as_tensor(batch[0], where)
+        y = _as_tensor(batch[1], where) if len(batch) > 1 and _is_array(batch[1]) else None
+        return x, y
+    raise DataError(
+        f"{where} is a {type(batch).__name__}; a batch must be a tensor, an (inputs, labels) "
+        "pair or a dict with 'inputs'"
+    )
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
+def _as_tensor(x: Any, where: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise DataError(f"{where} holds an object array; varshift needs numeric arrays")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise DataError(f"{where}: expected a tensor or array, got {type(x).__name__}")
+
+
+@dataclass
+class Calibration:
+    """Re-iterable calibration batches with their provenance.
+
+    Iterating yields ``(inputs, labels or None)``; each iteration yields the same batches.
+    ``samples`` is known after the first iteration (or at once for in-memory data).
+    """
+
+    source: str
+    make_iter: Callable[[], Iterator[Any]]
+    max_batches: int | None = None
+    samples: int | None = None
+    n_batches: int | None = None  # known up front for in-memory data
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Batch]:
+        count = 0
+        for i, raw in enumerate(self.make_iter()):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            x, y = split_batch(raw, f"batch {i} of {self.source}")
+            check_batch(x, y, i, self.source)
+            count += x.shape[0]
+            yield x, y
+        if count == 0:
+            raise DataError(f"{self.source} yielded no batches")
+        self.samples = count
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor | None, index: int, source: str) -> None:
+    """Reject empty batches, NaN/Inf and labels that do not match the inputs."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"batch {index} of {source} is empty (shape {tuple(x.shape)})")
+    if x.is_floating_point() or x.is_complex():
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise DataError(
+                f"batch {index} of {source} has {bad} NaN/Inf value(s) in its inputs; "
+                "clean the data (varshift does not average over them)"
+            )
+    if y is not None and y.shape[:1] != x.shape[:1]:
+        raise DataError(
+            f"batch {index} of {source}: {x.shape[0]} inputs but {y.shape[0] if y.ndim else 0} labels"
+        )
+
+
+def _bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Consecutive slices; a trailing batch of one sample joins the previous one (a train-mode
+    BatchNorm needs more than one value per channel)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def from_tensors(
+    inputs: Any, labels: Any = None, batch_size: int = 64,
+    source: str = "tensors", max_batches: int | None = None,
+) -> Calibration:
+    """Calibration batches from in-memory tensors or arrays, in order (no shuffling)."""
+    x = _as_tensor(inputs, source)
+    y = None if labels is None else _as_tensor(labels, source)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{source} holds no samples (inputs of shape {tuple(x.shape)})")
+    if y is not None and y.shape[:1] != x.shape[:1]:
+        raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels")
+    bounds = _bounds(x.shape[0], batch_size)[:max_batches]
+
+    def make() -> Iterator[Batch]:
+        for a, b in bounds:
+            yield x[a:b], None if y is None else y[a:b]
+
+    return Calibration(source, make, max_batches, samples=bounds[-1][1], n_batches=len(bounds))
+
+
+def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from torch.utils.data import TensorDataset
+
+    try:
+        with torch.serialization.safe_globals([TensorDataset]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            raise DataError(
+                f"DATA {path} needs classes outside varshift's safe list; save plain tensors "
+                "(torch.save((inputs, labels), path)) or use pkg.module:callable"
+            )
+        raise DataError(f"DATA {path} is truncated or not a torch.save file ({text[:200]})")
+    if isinstance(obj, TensorDataset):
+        tensors = obj.tensors
+        return tensors[0], tensors[1] if len(tensors) > 1 else None
+    try:
+        return split_batch(obj, f"DATA {path}")
+    except DataError:
+        raise DataError(f"DATA {path} holds a {type(obj).__name__}; {SUPPORTED}")
+
+
+def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"DATA {path} is not a readable numpy file ({type(exc).__name__}: "
+                        f"{str(exc)[:200]})")
+    if isinstance(arr, np.ndarray):
+        return _as_tensor(arr, f"DATA {path}"), None
+    with arr:
+        keys = list(arr.keys())
+        x_key = next((k for k in INPUT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if x_key is None:
+            raise DataError(
+                f"DATA {path} has arrays {keys[:8]}; name the inputs one of {INPUT_KEYS}"
+            )
+        y_key = next((k for k in LABEL_KEYS if k in keys), None)
+        x = _as_tensor(arr[x_key], f"DATA {path}")
+        y = _as_tensor(arr[y_key], f"DATA {path}") if y_key else None
+    return x, y
+
+
+def _from_callable(spec: str, max_batches: int | None) -> Calibration:
+    try:
+        fn = resolve_arch(spec)
+    except Exception as exc:  # ArchError's message talks about --arch: reword for --data
+        raise DataError(str(exc).replace("--arch", "--data"))
+
+    def make() -> Iterator[Any]:
+        try:
+            result = fn()
+            return iter(result)
+        except TypeError as exc:
+            raise DataError(f"--data {spec!r} must return an iterable of batches ({exc})")
+
+    return Calibration(spec, make, max_batches)
+
+
+def load_data(
+    spec: str | os.PathLike, batch_size: int = 64, max_batches: int | None = None
+) -> Calibration:
+    """Open calibration data (see the module docstring for formats).
+
+    Args:
+        spec: a file path or ``pkg.module:callable``.
+        batch_size: samples per batch for file data (callables batch themselves).
+        max_batches: use at most this many batches.
+
+    Raises:
+        DataError: a one-line message naming the problem and the supported formats.
+    """
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"--max-batches must be >= 1, got {max_batches}")
+    text = str(spec)
+    path = Path(text)
+    if ":" in text and not path.exists() and path.suffix.lower() not in (".pt", ".npy", ".npz"):
+        return _from_callable(text, max_batches)
+    try:
+        check_readable(path, "DATA")
+    except Exception as exc:
+        raise DataError(str(exc))
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        x, y = _load_pt(path)
+    elif suffix in (".npy", ".npz"):
+        x, y = _load_numpy(path)
+    else:
+        raise DataError(f"DATA {path}: unsupported file type {suffix or '(none)'}; {SUPPORTED}")
+    return from_tensors(x, y, batch_size, source=str(path), max_batches=max_batches)
+
+
+def as_batches(batches: Iterable[Any]) -> Iterable[Batch]:
+    """Normalize an API ``batches`` argument to a re-iterable of ``(inputs, labels)``.
+
+    A :class:`Calibration` or a re-iterable (list, DataLoader) passes through; a one-shot
+    iterator (a generator) is materialized once, so that multi-pass estimators can reuse it.
+    """
+    if isinstance(batches, Calibration):
+        return batches
+    if isinstance(batches, torch.Tensor):
+        return Calibration("batches", lambda: iter([batches]))
+    if iter(batches) is batches:  # a one-shot iterator
+        batches = list(batches)
+    n = len(batches) if hasattr(batches, "__len__") else None
+    return Calibration("batches", lambda: iter(batches), n_batches=n)

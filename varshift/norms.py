@@ -1,0 +1,168 @@
+"""Norm-layer plumbing shared by probe and recalibrate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .kinds import is_norm
+
+
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every norm (BatchNorm-family layer with running statistics), by qualified name."""
+    return {name: m for name, m in model.named_modules() if is_norm(m)}
+
+
+def input_count(x: torch.Tensor) -> int:
+    """Values per channel in a norm's input (N, C, *): N times the spatial size."""
+    return x.numel() // x.shape[1] if x.ndim > 1 and x.shape[1] else 0
+
+
+class ScratchStats:
+    """Lets train-mode norms report their batch statistics without touching the model's.
+
+    ``scratch()`` swaps each norm's ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` for private copies and sets ``momentum = 1``: a train-mode forward
+    then normalizes with batch statistics (as in training) and leaves that batch's mean and
+    unbiased variance in the scratch buffers, computed by BatchNorm's own kernel, so they are
+    read rather than computed twice. ``original()`` puts the model's own tensors back (the same
+    objects); ``restore()`` also restores momentum. Use as a context manager, which restores on
+    exit, also when the body raises.
+    """
+
+    def __init__(self, norms: dict[str, nn.Module]) -> None:
+        self.norms = norms
+        self.saved = {
+            name: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum)
+            for name, m in norms.items()
+        }
+        self.buffers = {
+            name: (rm.clone(), rv.clone(), None if nbt is None else nbt.clone())
+            for name, (rm, rv, nbt, _) in self.saved.items()
+        }
+
+    def scratch(self) -> None:
+        for name, m in self.norms.items():
+            rm, rv, nbt = self.buffers[name]
+            m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
+            m.momentum = 1.0
+
+    def original(self) -> None:
+        for name, m in self.norms.items():
+            rm, rv, nbt, momentum = self.saved[name]
+            m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
+            m.momentum = momentum
+
+    restore = original
+
+    def batch_stats(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last train-mode batch's (mean, unbiased var) of norm ``name``."""
+        rm, rv, _ = self.buffers[name]
+        return rm, rv
+
+    def __enter__(self) -> "ScratchStats":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: everything needed has been seen."""
+
+
+class InputStats:
+    """Float64 population moments of norms' inputs, fed by forward pre-hooks.
+
+    Args:
+        norms: name -> norm module (all norms; only ``names`` are hooked).
+        names: the norms to measure (default: all).
+
+    ``active`` switches collection on and off between passes. ``order`` lists the norms in
+    the order of their first call; ``calls`` counts calls. With ``stop_after`` (name -> calls
+    per forward), the hook raises :class:`StopForward` once every one of those norms has been
+    called that many times in the current forward (``begin_forward()`` resets the count).
+    """
+
+    def __init__(self, norms: dict[str, nn.Module], names=None) -> None:
+        from .stats import ChannelMoments
+
+        self.norms = norms
+        self.names = list(norms if names is None else names)
+        self.moments = {n: ChannelMoments() for n in self.names}
+        self.calls = {n: 0 for n in self.names}
+        self.order: list[str] = []
+        self.active = True
+        self.stop_after: dict[str, int] | None = None
+        self._this_forward: dict[str, int] = {}
+
+    def begin_forward(self) -> None:
+        self._this_forward = {}
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if not self.active:
+                return
+            if self.calls[name] == 0:
+                self.order.append(name)
+            self.calls[name] += 1
+            self.moments[name].add(args[0])
+            if self.stop_after is not None:
+                self._this_forward[name] = self._this_forward.get(name, 0) + 1
+                if all(self._this_forward.get(n, 0) >= k for n, k in self.stop_after.items()):
+                    raise StopForward
+
+        return hook
+
+    def attach(self, handles: list) -> "InputStats":
+        for name in self.names:
+            handles.append(self.norms[name].register_forward_pre_hook(self._hook(name)))
+        return self
+
+
+_UNSET = -1.0  # sentinel in a scratch running_var: variances are never negative
+
+
+class BatchStats:
+    """Population moments from train-mode norms' own batch statistics (see ScratchStats).
+
+    A pre-hook marks the scratch variance with a sentinel; a post-hook merges the batch mean
+    and unbiased variance that BatchNorm left there. A norm that did not update its running
+    statistics (a custom subclass) is measured from its input instead.
+    """
+
+    def __init__(self, scratch: ScratchStats, names=None) -> None:
+        from .stats import ChannelMoments
+
+        self.scratch = scratch
+        self.names = list(scratch.norms if names is None else names)
+        self.moments = {n: ChannelMoments() for n in self.names}
+        self.active = True
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            if self.active:
+                self.scratch.batch_stats(name)[1].fill_(_UNSET)
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            mean, var = self.scratch.batch_stats(name)
+            x = args[0]
+            if bool((var < 0).any()):
+                self.moments[name].add(x)
+            else:
+                n = input_count(x)
+                self.moments[name].merge(n, mean, var.double() * (n - 1))
+
+        return hook
+
+    def attach(self, handles: list) -> "BatchStats":
+        for name in self.names:
+            m = self.scratch.norms[name]
+            handles.append(m.register_forward_pre_hook(self._pre(name)))
+            handles.append(m.register_forward_hook(self._post(name)))
+        return self

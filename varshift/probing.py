@@ -1,0 +1,219 @@
+"""Measure each norm's variance shift on calibration data (the paper's metric).
+
+One iteration over the data; for every batch, two forwards:
+
+* **eval**: the whole model in eval mode (the inference path). A pre-hook adds each norm's
+  input to float64 population moments.
+* **train**: regularizers active and norms normalizing with batch statistics, as in training.
+  The norms' running buffers are swapped for scratch copies with momentum 1
+  (:class:`~varshift.norms.ScratchStats`), so BatchNorm's own kernel leaves each batch's
+  statistics there; a post-hook reads and merges them. The model's statistics are untouched.
+
+No activation is kept: memory is O(channels), whatever the number of batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ._torch_utils import model_device, preserved_modes, removing
+from .data import as_batches
+from .errors import DataError, TraceError
+from .inputs import fit_error, input_preparer
+from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
+from .reports import LayerShift, ProbeReport
+from .stats import ChannelMoments
+
+if TYPE_CHECKING:
+    from .reports import ScanReport
+
+#: Unaffected layers whose train-mode variance differs from their running variance by more
+#: than this factor suggest calibration data unlike the training data.
+MISMATCH = 1.25
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def fork_rng(device: torch.device):
+    """``torch.random.fork_rng`` for ``device``: the caller's RNG state is restored on exit."""
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device.index or torch.cuda.current_device()])
+    return torch.random.fork_rng(devices=[])
+
+
+def forward(model: nn.Module, x: torch.Tensor, index: int) -> Any:
+    """Run the model; its errors become a DataError that names the input shape."""
+    try:
+        return model(x)
+    except (DataError, StopForward):
+        raise
+    except Exception as exc:  # the user's model rejected the batch
+        if "more than 1 value per channel" in str(exc):
+            raise DataError(
+                f"batch {index} has {x.shape[0]} sample(s): a train-mode BatchNorm needs more "
+                "than one value per channel; use --batch-size 2 or more"
+            ) from exc
+        raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
+
+
+def scan_for(model: nn.Module, x: torch.Tensor) -> "ScanReport":
+    """Scan the model, tracing dynamically on ``x[:1]`` if fx cannot; errors name the data."""
+    from .rules import scan
+
+    try:
+        return scan(model, x[:1])
+    except TraceError as exc:
+        raise fit_error(model, x, exc.__cause__ or exc) from exc
+
+
+def probe(
+    model: nn.Module,
+    batches: Iterable[Any],
+    seed: int = 0,
+    *,
+    threshold: float = 1.1,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> ProbeReport:
+    """Measure every norm's variance shift on ``batches``, in execution order.
+
+    Args:
+        model: the model; its parameters, buffers (``num_batches_tracked`` included) and
+            every module's ``training`` flag are exactly as before afterwards, also on error.
+        batches: an iterable of input tensors or ``(inputs, labels)`` pairs (labels unused).
+        seed: seeds the train-mode pass (dropout masks), so it is reproducible; the caller's
+            RNG state is left as it was.
+        threshold: layers at or above this shift count as shifted (``bool(report)`` is False).
+        device: where to run (default: the model's device); batches are moved there.
+        progress: called as ``progress(batches_done, total_or_None)`` after each batch.
+
+    Returns:
+        A :class:`ProbeReport`.
+
+    Raises:
+        DataError: the data is empty, has NaN/Inf, or does not fit the model.
+    """
+    cal = as_batches(batches)
+    dev = torch.device(device) if device is not None else model_device(model)
+    prepare = input_preparer(model, dev)
+    norms = norm_modules(model)
+
+    first = next(iter(cal), None)
+    if first is None:
+        raise DataError("the calibration data yielded no batches")
+    scan_report = scan_for(model, prepare(first[0]))
+    affected = {n.name: n for n in scan_report.norms}
+
+    n_batches = samples = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model))
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(fork_rng(dev))
+        scratch = stack.enter_context(ScratchStats(norms))
+        handles = stack.enter_context(removing([]))
+        eval_stats = InputStats(norms).attach(handles)
+        train_stats = BatchStats(scratch).attach(handles)
+        torch.manual_seed(seed)
+        for index, (x, _) in enumerate(cal):
+            x = prepare(x)
+            eval_stats.active, train_stats.active = True, False
+            scratch.original()
+            model.eval()
+            forward(model, x, index)
+            eval_stats.active, train_stats.active = False, True
+            scratch.scratch()
+            model.train()
+            forward(model, x, index)
+            n_batches += 1
+            samples += x.shape[0]
+            if progress is not None:
+                progress(n_batches, getattr(cal, "n_batches", None))
+
+    layers = [
+        _layer(name, norms[name], eval_stats.moments[name], train_stats.moments[name],
+               affected.get(name), eval_stats.calls[name])
+        for name in eval_stats.order
+    ]
+    report = ProbeReport(
+        model=type(model).__name__,
+        layers=layers,
+        samples=samples,
+        batches=n_batches,
+        seed=seed,
+        threshold=threshold,
+        traced_with=scan_report.traced_with,
+        data=getattr(cal, "source", None),
+    )
+    unused = [name for name in norms if eval_stats.calls[name] == 0]
+    if unused:
+        report.notes.append(
+            f"{len(unused)} BatchNorm layer(s) never ran on this data: {', '.join(unused[:5])}"
+        )
+    _check_calibration(report)
+    return report
+
+
+def _ratio_shift(a: float, b: float) -> float:
+    """``max(a/b, b/a)``; inf when exactly one is zero, nan when either is nan."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if a == b:
+        return 1.0
+    if a == 0 or b == 0:
+        return math.inf
+    r = a / b
+    return max(r, 1 / r)
+
+
+def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, calls) -> LayerShift:
+    rv = module.running_var.detach().double().cpu()
+    rm = module.running_mean.detach().double().cpu()
+    eps = float(getattr(module, "eps", 1e-5))
+    e_var, e_mean = ev.var.cpu(), ev.mean.cpu()
+    if tr.mean is not None:
+        t_var_mean, t_mean_mean = tr.var.mean().item(), tr.mean.mean().item()
+    else:
+        t_var_mean = t_mean_mean = math.nan
+    ratio = (e_var + eps) / (rv + eps)
+    per_channel = torch.maximum(ratio, 1 / ratio)
+    return LayerShift(
+        name=name,
+        type=type(module).__name__,
+        affected=None if scan_entry is None else scan_entry.affected,
+        reached_by=[] if scan_entry is None else list(scan_entry.reached_by),
+        channels=int(rv.numel()),
+        running_var_mean=rv.mean().item(),
+        eval_var_mean=e_var.mean().item(),
+        train_var_mean=t_var_mean,
+        shift=_ratio_shift(e_var.mean().item(), rv.mean().item()),
+        train_shift=_ratio_shift(t_var_mean, e_var.mean().item()),
+        channel_shift_median=per_channel.median().item(),
+        channel_shift_max=per_channel.max().item(),
+        running_mean_mean=rm.mean().item(),
+        eval_mean_mean=e_mean.mean().item(),
+        train_mean_mean=t_mean_mean,
+        mean_offset=((e_mean - rm).abs() / (rv + eps).sqrt()).mean().item(),
+        calls=calls,
+    )
+
+
+def _check_calibration(report: ProbeReport) -> None:
+    """Warn when unaffected layers' train-mode variance is far from their running variance."""
+    off = [
+        (l, _ratio_shift(l.train_var_mean, l.running_var_mean))
+        for l in report.layers
+        if l.affected is False
+    ]
+    off = [(l, r) for l, r in off if r > MISMATCH]
+    if off:
+        worst, ratio = max(off, key=lambda t: t[1])
+        report.warnings.append(
+            f"the calibration data may not look like the training data: {len(off)} layer(s) "
+            f"that no regularizer reaches differ from their running variance by more than "
+            f"{MISMATCH:g}x in train mode (worst {worst.name}: {ratio:.2f}x); conclusions are weak"
+        )

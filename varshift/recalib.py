@@ -1,0 +1,390 @@
+"""Recompute BatchNorm running statistics with every regularizer off.
+
+Two estimators (DESIGN.md, issue "recalibrate"):
+
+* ``population`` (default): one pass with the model in eval mode (regularizers off) except the
+  norms, which normalize with batch statistics as in training. Each target norm's new
+  statistics are the exact population mean and unbiased variance of its input over the whole
+  calibration set, merged in float64 from the batch statistics BatchNorm computes anyway (read,
+  not recomputed). ``torch.optim.swa_utils.update_bn`` instead leaves dropout on and averages
+  per-batch variances.
+* ``exact``: each target norm's statistics are the population statistics of its input on the
+  *inference path*, with every upstream norm already in eval mode with its new statistics. Norms
+  are grouped into dependency levels (a norm's level is one more than the deepest target norm
+  upstream of it); one pass per level, and a pass stops as soon as the last norm of its level has
+  run. Afterwards the shift of every recalibrated norm, measured on the same data, is 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._torch_utils import model_device, preserved_modes, removing
+from .data import as_batches
+from .errors import DataError
+from .graph import NORM
+from .inputs import input_preparer
+from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
+from .probing import Progress, forward, scan_for
+from .reports import LayerFix, Metrics, RecalibrationReport
+from .stats import ChannelMoments
+
+
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    exact: bool = False,
+    all_norms: bool = False,
+    *,
+    inplace: bool = False,
+    eval_batches: Iterable[Any] | None = None,
+    measure: bool = True,
+    threshold: float = 1.1,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, RecalibrationReport]:
+    """Recompute the running statistics of the affected norms with every regularizer off.
+
+    Args:
+        model: the trained model. Untouched unless ``inplace=True``; a deep copy is fixed.
+        batches: calibration inputs: an iterable of tensors or ``(inputs, labels)`` pairs.
+        exact: use the exact (inference-path) estimator instead of the population one.
+        all_norms: recalibrate every norm, not only those an active regularizer reaches.
+        inplace: fix ``model`` itself instead of a copy.
+        eval_batches: held-out ``(inputs, labels)`` for accuracy and NLL before/after
+            (default: the calibration batches, reported as not held out).
+        measure: measure per-layer shifts and metrics before and after (two extra eval
+            passes each); ``False`` runs only the estimator.
+        threshold: ``bool(report)`` is False when a recalibrated layer's shift afterwards
+            reaches it.
+        device: where to run (default: the model's device).
+        progress: called as ``progress(batches_done, total_or_None)``.
+
+    Returns:
+        ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
+        number of calibration batches (as after ``update_bn``); momentum is unchanged.
+    """
+    cal = as_batches(batches)
+    fixed = model if inplace else copy.deepcopy(model)
+    dev = torch.device(device) if device is not None else model_device(fixed)
+    prepare = input_preparer(fixed, dev)
+    norms = norm_modules(fixed)
+
+    first = next(iter(cal), None)
+    if first is None:
+        raise DataError("the calibration data yielded no batches")
+    scan_report = scan_for(fixed, prepare(first[0]))
+    targets = [n.name for n in scan_report.norms if all_norms or n.affected]
+    targets = [t for t in targets if t in norms]
+    notes: list[str] = []
+    always_on = [r.name for r in scan_report.regularizers if r.always_on]
+    if always_on:
+        notes.append(
+            f"{', '.join(always_on)} stay(s) active in eval mode and cannot be switched off; "
+            "their noise is part of the recalibrated statistics"
+        )
+    if not targets:
+        notes.append(
+            "no BatchNorm layer is reached by an active regularizer; nothing to recalibrate "
+            "(use --all-norms to recalibrate every BatchNorm)"
+        )
+
+    evaluation = eval_batches if eval_batches is not None else cal
+    held_out = eval_batches is not None
+    if eval_batches is not None:
+        evaluation = as_batches(eval_batches)
+
+    before_stats = before_metrics = None
+    if measure:
+        before_stats, before_metrics = measure_eval(fixed, cal, prepare, norms)
+        if held_out:
+            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+    snapshot = {
+        name: (m.running_mean.detach().double().mean().item(),
+               m.running_var.detach().double().mean().item())
+        for name, m in norms.items()
+    }
+
+    passes = 0
+    n_batches = 0
+    if targets:
+        if exact:
+            passes, n_batches = _exact(fixed, cal, prepare, norms, targets, progress)
+        else:
+            passes, n_batches = _population(fixed, cal, prepare, norms, targets, progress)
+
+    after_stats = after_metrics = None
+    if measure:
+        after_stats, after_metrics = measure_eval(fixed, cal, prepare, norms)
+        if held_out:
+            after_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+
+    layers = []
+    order = before_stats.order if before_stats is not None else list(norms)
+    target_set = set(targets)
+    for name in order:
+        m = norms[name]
+        rm_b, rv_b = snapshot[name]
+        layers.append(
+            LayerFix(
+                name=name,
+                type=type(m).__name__,
+                recalibrated=name in target_set,
+                shift_before=_shift(before_stats, name, rv_b) if before_stats else math.nan,
+                shift_after=(
+                    _shift(after_stats, name, m.running_var.double().mean().item())
+                    if after_stats else math.nan
+                ),
+                running_var_before=rv_b,
+                running_var_after=m.running_var.double().mean().item(),
+                running_mean_before=rm_b,
+                running_mean_after=m.running_mean.double().mean().item(),
+            )
+        )
+    if measure and not held_out and before_metrics is not None:
+        notes.append("accuracy and NLL are on the calibration data, not held out (pass --eval-data)")
+    report = RecalibrationReport(
+        model=type(model).__name__,
+        estimator="exact" if exact else "population",
+        layers=layers,
+        before=before_metrics,
+        after=after_metrics,
+        passes=passes,
+        batches=n_batches,
+        samples=getattr(cal, "samples", None) or 0,
+        threshold=threshold,
+        notes=notes,
+        data=getattr(cal, "source", None),
+        eval_data=getattr(evaluation, "source", None) if held_out else None,
+    )
+    return fixed, report
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
+    """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
+    m.running_mean.copy_(moments.mean.to(m.running_mean))
+    m.running_var.copy_(moments.var.to(m.running_var))
+    if m.num_batches_tracked is not None:
+        m.num_batches_tracked.fill_(n_batches)
+
+
+def _population(model, cal, prepare, norms, targets, progress) -> tuple[int, int]:
+    n_batches = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model))
+        stack.enter_context(torch.no_grad())
+        scratch = stack.enter_context(ScratchStats(norms))
+        handles = stack.enter_context(removing([]))
+        stats = BatchStats(scratch, targets).attach(handles)
+        model.eval()
+        for m in norms.values():
+            m.train()
+        scratch.scratch()
+        for index, (x, _) in enumerate(cal):
+            forward(model, prepare(x), index)
+            n_batches += 1
+            if progress is not None:
+                progress(n_batches, getattr(cal, "n_batches", None))
+    with torch.no_grad():
+        for name in targets:
+            if stats.moments[name].mean is not None:
+                _write(norms[name], stats.moments[name], n_batches)
+    return 1, n_batches
+
+
+def dependency_levels(scan_graph_norms: dict[str, set[str]], targets: list[str]) -> list[list[str]]:
+    """Group ``targets`` into levels: a norm's level is 1 + the deepest target upstream.
+
+    Args:
+        scan_graph_norms: norm name -> names of the norms downstream of it.
+    """
+    target_set = set(targets)
+    upstream: dict[str, set[str]] = {t: set() for t in targets}
+    for src, downs in scan_graph_norms.items():
+        if src in target_set:
+            for d in downs:
+                if d in target_set and d != src:
+                    upstream[d].add(src)
+    level: dict[str, int] = {}
+
+    def depth(t: str, seen: frozenset = frozenset()) -> int:
+        if t in level:
+            return level[t]
+        if t in seen:  # a cycle (a norm feeding itself through a loop): break it
+            return 0
+        d = 1 + max((depth(u, seen | {t}) for u in upstream[t]), default=-1)
+        level[t] = d
+        return d
+
+    for t in targets:
+        depth(t)
+    out: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for t in targets:
+        out[level[t]].append(t)
+    return out
+
+
+def _norm_reach(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
+    from .graph import trace
+
+    graph = trace(model, example)
+    out: dict[str, set[str]] = {}
+    for op in graph.ops:
+        if op.role == NORM:
+            out.setdefault(op.name, set()).update(
+                graph.ops[i].name for i in graph.downstream(op.index)
+            )
+    return out
+
+
+class _CallCounter:
+    """Counts each norm's calls per forward; tells whether the counts are the same every time."""
+
+    def __init__(self, norms: dict[str, nn.Module], names: list[str]) -> None:
+        self.norms, self.names = norms, names
+        self.rows: list[dict[str, int]] = []
+
+    def begin_forward(self) -> None:
+        self.rows.append({})
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            row = self.rows[-1]
+            row[name] = row.get(name, 0) + 1
+
+        return hook
+
+    def attach(self, handles: list) -> "_CallCounter":
+        for name in self.names:
+            handles.append(self.norms[name].register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def constant(self) -> dict[str, int] | None:
+        """Calls per forward of every norm, or None when they differ between forwards."""
+        if not self.rows or any(row != self.rows[0] for row in self.rows):
+            return None
+        return dict(self.rows[0])
+
+
+def _exact(model, cal, prepare, norms, targets, progress) -> tuple[int, int]:
+    first = prepare(next(iter(cal))[0])
+    levels = dependency_levels(_norm_reach(model, first[:1]), targets)
+    total = getattr(cal, "n_batches", None)
+    per_forward: dict[str, int] | None = None
+    n_batches = 0
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        for k, level in enumerate(levels):
+            with removing([]) as handles:
+                stats = InputStats(norms, level).attach(handles)
+                counter = _CallCounter(norms, targets).attach(handles) if k == 0 else None
+                if per_forward is not None:
+                    # Stop each forward once this level's norms have all run: nothing
+                    # downstream of them matters for this pass.
+                    stats.stop_after = {n: per_forward[n] for n in level if n in per_forward}
+                n_batches = 0
+                for index, (x, _) in enumerate(cal):
+                    stats.begin_forward()
+                    if counter is not None:
+                        counter.begin_forward()
+                    try:
+                        forward(model, prepare(x), index)
+                    except StopForward:
+                        pass
+                    n_batches += 1
+                    if progress is not None:
+                        progress(k * (total or 0) + n_batches,
+                                 None if total is None else total * len(levels))
+                if counter is not None:
+                    per_forward = counter.constant()
+            for name in level:
+                if stats.moments[name].mean is not None:
+                    _write(norms[name], stats.moments[name], n_batches)
+    return len(levels), n_batches
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _shift(stats: InputStats, name: str, running_var_mean: float) -> float:
+    moments = stats.moments[name]
+    if moments.mean is None:
+        return math.nan
+    ev = moments.var.mean().item()
+    if ev == running_var_mean:
+        return 1.0
+    if ev == 0 or running_var_mean == 0:
+        return math.inf
+    r = ev / running_var_mean
+    return max(r, 1 / r)
+
+
+class _MetricSums:
+    def __init__(self) -> None:
+        self.correct = 0
+        self.nll = 0.0
+        self.n = 0
+        self.usable = True
+
+    def add(self, out: Any, y: torch.Tensor | None) -> None:
+        if y is None or not self.usable:
+            self.usable = self.usable and y is not None
+            return
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(logits, dict):
+            logits = next(iter(logits.values()))
+        if (
+            not isinstance(logits, torch.Tensor)
+            or logits.ndim != 2
+            or y.ndim != 1
+            or y.is_floating_point()
+            or logits.shape[0] != y.shape[0]
+        ):
+            self.usable = False
+            return
+        y = y.to(logits.device)
+        if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
+            self.usable = False
+            return
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.nll += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+        self.n += y.shape[0]
+
+    def result(self, held_out: bool) -> Metrics | None:
+        if not self.usable or self.n == 0:
+            return None
+        return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
+
+
+def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None]:
+    """One eval pass: every norm's input moments, and metrics when labels are present."""
+    sums = _MetricSums()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model))
+        stack.enter_context(torch.no_grad())
+        handles = stack.enter_context(removing([]))
+        stats = InputStats(norms).attach(handles)
+        model.eval()
+        for index, (x, y) in enumerate(cal):
+            sums.add(forward(model, prepare(x), index), y)
+    return stats, sums.result(held_out=False)
+
+
+def metrics_on(model, batches, prepare, held_out: bool) -> Metrics | None:
+    """Accuracy and NLL of the eval-mode model on labelled ``batches`` (None without labels)."""
+    sums = _MetricSums()
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        for index, (x, y) in enumerate(batches):
+            sums.add(forward(model, prepare(x), index), y)
+    return sums.result(held_out)
