@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import kinds
-from ._torch_utils import preserved_modes, removing
+from ._torch_utils import fork_rng, preserved_modes, removing
 from .errors import TraceError
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
@@ -143,14 +143,27 @@ class _Namer:
         return f"{owner}:{op}" if k == 0 else f"{owner}:{op}_{k}"
 
 
-def _nested_regularizers(module: nn.Module) -> list[tuple[str, kinds.RegularizerInfo]]:
-    """Regularizers inside a leaf norm (timm's ``BatchNormAct2d(drop_layer=...)``)."""
+def _nested_regularizers(module: nn.Module) -> list[tuple[str, str, kinds.RegularizerInfo]]:
+    """Regularizers inside a leaf: timm's ``BatchNormAct2d(drop_layer=...)``, the dropouts of
+    ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention(dropout=...)``.
+
+    Returns ``(suffix, type name, info)``: suffix ``.sub.name`` for a submodule, ``:dropout``
+    for an attribute. Their effect is attributed to the leaf's output.
+    """
     out = []
     for sub_name, sub in module.named_modules():
+        prefix = f".{sub_name}" if sub_name else ""
         if sub_name:
             reg = kinds.regularizer_of_module(sub)
             if reg is not None:
-                out.append((sub_name, reg))
+                out.append((prefix, type(sub).__name__, reg))
+                continue
+        attr = kinds.ATTRIBUTE_REGULARIZERS.get(type(sub).__name__)
+        if attr is not None:
+            p = getattr(sub, attr[0], None)
+            if isinstance(p, (int, float)):
+                out.append((f"{prefix}:{attr[0]}", type(sub).__name__, kinds.RegularizerInfo(
+                    attr[1], float(p), None)))
     return out
 
 
@@ -172,12 +185,12 @@ class _Builder:
         role, reg = _role(module)
         self.module_types[qualname] = type(module).__name__
         op = self.add(qualname, MODULE, type(module).__name__, role, reg, inputs)
-        if role == NORM:
-            for sub_name, sub_reg in _nested_regularizers(module):
-                full = f"{qualname}.{sub_name}"
-                sub = module.get_submodule(sub_name)
-                self.module_types[full] = type(sub).__name__
-                op = self.add(full, MODULE, type(sub).__name__, REGULARIZER, sub_reg, [op.index])
+        if role != REGULARIZER:
+            for suffix, type_name, sub_reg in _nested_regularizers(module):
+                full = f"{qualname}{suffix}"
+                kind = FUNCTION if ":" in suffix else MODULE
+                self.module_types[full] = type_name
+                op = self.add(full, kind, type_name, REGULARIZER, sub_reg, [op.index])
         return op
 
     def add_function_call(self, owner: str, fn: Any, args: tuple, kwargs: dict, inputs) -> Op:
@@ -243,10 +256,33 @@ def _fx_to_dataflow(gm: torch.fx.GraphModule) -> DataflowGraph:
             op = b.add_module_call(str(node.target), gm.get_submodule(node.target), inputs)
         elif node.op in ("call_function", "call_method"):
             op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs)
+            if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
+                # fx nodes are values, not tensors: after `a.add_(b)` later uses of `a` still
+                # name a's node, whatever the in-place op's own node feeds. Rebind `a` (and the
+                # tensors it is a view of) so that they carry the write.
+                for written in _fx_view_chain(node.args[0] if node.args else None):
+                    index[written] = op.index
         else:
             op = b.add("output", OUTPUT, "output", inputs=inputs)
         index[node] = op.index
     return b.graph("fx")
+
+
+def _fx_view_chain(arg: Any) -> list[torch.fx.Node]:
+    """``arg`` and, when it is a view (``a[:, :2]``, ``a.transpose(0, 1)``), what it views."""
+    chain: list[torch.fx.Node] = []
+    while isinstance(arg, torch.fx.Node) and arg not in chain:
+        chain.append(arg)
+        if arg.op == "call_function":
+            name = kinds.function_name(arg.target)
+        elif arg.op == "call_method":
+            name = arg.target
+        else:
+            break
+        if name not in kinds.VIEW_OPS or not arg.args:
+            break
+        arg = arg.args[0]
+    return chain
 
 
 def _nodes_in(obj: Any) -> list[torch.fx.Node]:
@@ -335,9 +371,10 @@ class _DynamicTracer:
         owner = self.stack[-1] if self.stack else ""
         op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs)
         self._set_outputs(out, op)
-        inplace = name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))
-        if inplace and args and isinstance(args[0], torch.Tensor):
+        if kinds.is_inplace(func, args, kwargs) and args and isinstance(args[0], torch.Tensor):
             self._set_outputs(args[0], op)
+            if args[0]._base is not None:  # a write into a view is a write into its base
+                self._set_outputs(args[0]._base, op)
         if isinstance(kwargs.get("out"), torch.Tensor):
             self._set_outputs(kwargs["out"], op)
 
@@ -386,7 +423,7 @@ class _DynamicTracer:
 
 
 def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> DataflowGraph:
-    with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with preserved_modes(model), torch.no_grad(), fork_rng(example.device):
         model.train(training)
         for m in model.modules():
             if kinds.is_norm(m):

@@ -35,6 +35,12 @@ REGULARIZER_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Uout": (UOUT, ("beta",)),  # varshift.Uout
 }
 
+#: torch layers that apply dropout internally through an attribute rather than a submodule:
+#: class name -> (attribute holding p, kind). Seen as ``<layer>:dropout``.
+ATTRIBUTE_REGULARIZERS: dict[str, tuple[str, str]] = {
+    "MultiheadAttention": ("dropout", DROPOUT),
+}
+
 #: Function name -> (kind, parameter names for p, parameter names for the training flag).
 #: Covers torch.nn.functional, the torch.* ATen bindings, torchvision.ops.stochastic_depth,
 #: and timm's drop_path / drop_block_2d.
@@ -78,6 +84,31 @@ META_OPS = frozenset(
 
 #: Ops whose value flows from the first argument only; the others give shape or dtype.
 FIRST_ARG_ONLY_OPS = frozenset({"type_as", "view_as", "reshape_as", "expand_as", "to"})
+
+#: Ops that write into their first argument (Python's augmented assignments: ``__iadd__``,
+#: and ``operator.iadd`` as fx records them ...). A name ending in ``_`` (``add_``, ``relu_``) or an
+#: ``inplace=True`` argument (``F.dropout(x, p, training, inplace=True)``) means the same.
+INPLACE_OPS = frozenset(
+    {
+        "__setitem__", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+        "imatmul", "iand", "ior", "ixor", "ilshift", "irshift",
+        *(f"__{op}__" for op in (
+            "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+            "iand", "ior", "ixor", "ilshift", "irshift",
+        )),
+    }
+)
+
+#: Ops whose output is always a view of (shares memory with) their first argument, so an
+#: in-place write into the output is a write into the argument too.
+VIEW_OPS = frozenset(
+    {
+        "getitem", "__getitem__", "view", "view_as", "narrow", "select", "transpose",
+        "permute", "unsqueeze", "squeeze", "expand", "expand_as", "t", "T", "mT", "split",
+        "chunk", "unbind", "tensor_split", "movedim", "moveaxis", "swapaxes", "unflatten",
+        "diagonal", "as_strided", "detach", "unfold",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +175,23 @@ def regularizer_of_call(fn: Any, args: tuple, kwargs: dict) -> RegularizerInfo |
         p=float(p) if isinstance(p, (int, float)) else None,
         training=training if isinstance(training, bool) else None,
     )
+
+
+def is_inplace(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """True when the call writes into its first argument (``x.add_(y)``, ``x += y``,
+    ``F.relu(x, inplace=True)``, ``x[i] = y``)."""
+    name = function_name(fn)
+    if name in INPLACE_OPS or (name.endswith("_") and not name.startswith("__")):
+        return True
+    if kwargs.get("inplace") is True:
+        return True
+    if isinstance(fn, str) or len(args) < 2:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "inplace" in params and _bind(fn, args, kwargs).get("inplace") is True
 
 
 def predicted_shift(kind: str, p: float | None) -> float | None:
