@@ -1,0 +1,537 @@
+"""Export a model to ONNX (eval mode, dynamic batch) and check it against PyTorch in onnxruntime.
+
+``export_onnx`` is the library half of ``varshift export``: it returns a :class:`ParityResult`
+(``bool()`` = parity passed) and never prints. ``check_onnx_parity`` re-runs the parity check
+on a file that already exists.
+
+Which exporter (measured with torch 2.13 / 2.14): ``torch.onnx.export``'s default,
+torch.export-based exporter (``dynamo=True``, needs onnxscript) with the batch dimension of
+every input marked dynamic through ``dynamic_shapes={0: torch.export.Dim("batch")}``. It
+traces without running Python control flow on real values, folds eval-mode BatchNorm into the
+preceding convolution and drops eval-mode dropout and Uout. When it cannot export a model
+(data-dependent control flow, an op it has no translation for), the legacy TorchScript
+exporter (``dynamo=False`` with ``dynamic_axes``) is tried next, and the result says so in
+``exporter`` and ``notes`` (with any ``TracerWarning``: a trace may have baked in one branch
+of the model's Python control flow, which the parity runs at several batch sizes are there to
+catch). If neither can export the model, :class:`ExportError` is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from ._io import atomic_path, check_output_path
+from .errors import VarshiftError
+from .reports import ParityCheck, ParityResult
+
+if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (STYLE.md, habit 8)
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+#: Batch sizes checked on top of the example / calibration batches, so that one file is
+#: known to run both with a single sample and with an odd batch larger than the example.
+PARITY_BATCH_SIZES = (1, 7)
+#: Calibration batches used for the parity check (the rest of the iterable is not read).
+MAX_PARITY_BATCHES = 3
+#: Relative differences are taken against max(|reference|, REL_FLOOR * max|reference|).
+REL_FLOOR = 1e-6
+
+EXPORTER_DYNAMO = "torch.export"
+EXPORTER_TORCHSCRIPT = "torchscript"
+
+
+class ExportError(VarshiftError):
+    """The model could not be exported to ONNX, or the exported file is not valid ONNX.
+
+    Attributes:
+        log: what the exporters wrote to stdout / stderr and the warnings they raised while
+            trying (swallowed during the export), for debugging.
+    """
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any = None,
+    *,
+    batches: Iterable[Any] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    opset: int | None = None,
+) -> ParityResult:
+    """Export ``model`` in eval mode to ONNX at ``path`` and check it in onnxruntime.
+
+    The caller's model is not touched: a deep copy is moved to the CPU, put in eval mode
+    (dropout, Uout and other regularizers become the identity and export to nothing) and
+    exported with a dynamic batch dimension (first dimension of every input), so the one
+    file runs with any batch size. The file is written atomically: the export goes to a
+    temporary file beside ``path``, is checked with ``onnx.checker.check_model`` and run in
+    onnxruntime, and only then renamed onto ``path``. On an error nothing is left at
+    ``path`` and a file that was there before is kept.
+
+    Parity: the file runs in onnxruntime (CPUExecutionProvider) on up to
+    ``MAX_PARITY_BATCHES`` calibration ``batches`` (or on ``example_input`` when there are
+    none) and on batches of size 1 and 7 cut from (or repeated out of) the example, and its
+    outputs are compared with the eval-mode PyTorch outputs. A parity failure is not an
+    exception: the file is kept and the result has ``passed=False``.
+
+    Args:
+        model: the module to export (any mode, any device).
+        path: the ``.onnx`` file to write (weights inline; files over protobuf's 2 GB limit
+            are not supported).
+        example_input: a tensor, or a tuple of tensors for a model with several inputs,
+            with the batch as the first dimension. ``None``: the inputs of the first of
+            ``batches``.
+        batches: calibration data, an iterable of input tensors or ``(inputs, labels)``
+            pairs (only the first few are read).
+        atol, rtol: the tolerance, ``numpy.allclose`` style: every output element must have
+            ``|onnx - torch| <= atol + rtol * |torch|`` (defaults 1e-4 and 1e-3).
+        opset: the ONNX opset to export to (default: the exporter's).
+
+    Returns:
+        A :class:`ParityResult`; ``bool(result)`` is True when every check passed.
+
+    Raises:
+        ExportError: neither exporter could export the model, or the file is not valid ONNX.
+        OutputError: ``path`` cannot be written (a directory, a missing folder, ...).
+        DataError: no example input, or inputs that are not tensors.
+    """
+    import torch
+
+    out = check_output_path(path, "ONNX output")
+    work, example, batch_list = _prepare(model, example_input, batches, atol, rtol)
+    name = type(model).__name__
+
+    # fork_rng: neither tracing nor the parity runs may move the caller's global RNG
+    with torch.random.fork_rng(devices=[]), atomic_path(out) as tmp:
+        exporter, notes = _export(work, example, tmp, opset, name)
+        _check_model(tmp, name)
+        result = _parity(work, tmp, example, batch_list, atol, rtol)
+    result.output = str(out)
+    result.model = name
+    result.exporter = exporter
+    result.notes = notes + result.notes
+    return result
+
+
+def check_onnx_parity(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any = None,
+    *,
+    batches: Iterable[Any] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ParityResult:
+    """Compare an existing ONNX file with ``model`` in eval mode; the parity half of
+    :func:`export_onnx`, with the same arguments and checks. ``exporter`` is None.
+
+    Raises:
+        ExportError: ``path`` is missing or is not a valid ONNX file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"ONNX file {p} does not exist")
+    work, example, batch_list = _prepare(model, example_input, batches, atol, rtol)
+    _check_model(p, type(model).__name__)
+    result = _parity(work, p, example, batch_list, atol, rtol)
+    result.output = str(p)
+    result.model = type(model).__name__
+    return result
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None,
+             atol: float, rtol: float) -> tuple[nn.Module, tuple, list]:
+    """An eval-mode CPU copy of ``model``, the example inputs and the parity batches (CPU)."""
+    for label, tol in (("atol", atol), ("rtol", rtol)):
+        if not tol >= 0:
+            raise VarshiftError(f"{label} must be a number >= 0, got {tol}")
+    batch_list = _take_batches(batches)
+    example = _example_inputs(example_input, batch_list)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # e.g. a module holding an open file or a lock
+        raise ExportError(f"cannot copy {type(model).__name__} for export (the original is "
+                          f"never changed): {_one_line(exc)}") from exc
+    work = work.to("cpu").eval()
+    example = tuple(t.to("cpu") for t in example)
+    batch_list = [tuple(t.to("cpu") for t in b) for b in batch_list]
+    # Inputs that do not fit are a data problem; say so before an exporter buries it.
+    import torch
+
+    with torch.no_grad(), _captured_output():
+        try:
+            work(*example)
+        except Exception as exc:
+            from .errors import DataError
+
+            what = "the example input" if example_input is not None else "calibration batch 1"
+            raise DataError(f"{what} (shape {_shapes(example)}) does not fit "
+                            f"{type(model).__name__}: {_one_line(exc)}") from exc
+    return work, example, batch_list
+
+
+
+def _as_inputs(value: Any, what: str) -> tuple[torch.Tensor, ...]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(
+            isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    from .errors import DataError
+
+    raise DataError(f"{what} must be a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+def _batch_inputs(batch: Any) -> Any:
+    """The inputs of one calibration batch: a tensor, or the first item of a pair / dict."""
+    if isinstance(batch, dict):
+        for key in ("inputs", "x", "input"):
+            if key in batch:
+                return batch[key]
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    return batch
+
+
+def _take_batches(batches: Iterable[Any] | None) -> list[tuple[torch.Tensor, ...]]:
+    if batches is None:
+        return []
+    return [_as_inputs(_batch_inputs(b), f"calibration batch {i + 1}")
+            for i, b in enumerate(itertools.islice(batches, MAX_PARITY_BATCHES))]
+
+
+def _example_inputs(example_input: Any, batch_list: list) -> tuple[torch.Tensor, ...]:
+    from .errors import DataError
+
+    if example_input is None:
+        if not batch_list:
+            raise DataError("export needs an example input or calibration batches; "
+                            "give --input-shape or --data")
+        example = batch_list[0]
+    else:
+        example = _as_inputs(example_input, "the example input")
+    if any(t.dim() == 0 or t.shape[0] == 0 for t in example):
+        raise DataError("the example input needs a non-empty batch dimension first, got shape "
+                        + ", ".join(str(tuple(t.shape)) for t in example))
+    return example
+
+
+def _resize_batch(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor, ...]:
+    """The first ``size`` samples of ``inputs``, repeated cyclically when there are fewer."""
+    out = []
+    for t in inputs:
+        n = t.shape[0]
+        if n < size:
+            t = t.repeat(math.ceil(size / n), *([1] * (t.dim() - 1)))
+        out.append(t[:size].contiguous())
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
+            name: str) -> tuple[str, list[str]]:
+    """Export to ``tmp``; return the exporter used and notes. Raise ExportError if none can."""
+    # A batch of 1 invites the tracer to specialize the batch dimension to 1 (0/1
+    # specialization); trace with 2 so the dynamic dimension stays symbolic.
+    trace_input = _resize_batch(example, 2) if example[0].shape[0] == 1 else example
+    errors: list[tuple[str, BaseException]] = []
+    logs: list[str] = []
+    for exporter in (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT):
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a failed attempt may leave a partial file
+        with _captured_output() as log:
+            try:
+                _run_exporter(exporter, model, trace_input, tmp, opset)
+            except Exception as exc:  # any exporter failure: try the next, then report
+                failed = exc
+            else:
+                failed = None
+        logs.append(f"--- {exporter} exporter\n{log.text}")
+        if failed is None and tmp.is_file() and tmp.stat().st_size > 0:
+            notes = [f"the {e} exporter failed ({_one_line(x)}); used the {exporter} exporter"
+                     for e, x in errors]
+            notes += _tracer_notes(log.warnings)
+            return exporter, notes
+        errors.append((exporter, failed or RuntimeError("the exporter wrote no file")))
+    reasons = "; ".join(f"{e} exporter: {_one_line(x)}" for e, x in errors)
+    raise ExportError(f"cannot export {name} to ONNX: {reasons}",
+                      log="\n".join(logs)) from errors[0][1]
+
+
+def _run_exporter(exporter: str, model: nn.Module, inputs: tuple, tmp: Path,
+                  opset: int | None) -> None:
+    import torch
+
+    n = len(inputs)
+    input_names = ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+    with torch.no_grad():
+        if exporter == EXPORTER_DYNAMO:
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(
+                model, inputs, str(tmp), dynamo=True, external_data=False, verbose=False,
+                opset_version=opset, input_names=input_names,
+                dynamic_shapes=tuple({0: batch} for _ in inputs),
+            )
+        else:
+            # Output names are unknown before tracing; the exporter names them itself, and
+            # a dynamic input batch propagates to the outputs through shape inference.
+            torch.onnx.export(
+                model, inputs, str(tmp), dynamo=False, external_data=False, verbose=False,
+                opset_version=opset, input_names=input_names,
+                dynamic_axes={k: {0: "batch"} for k in input_names},
+            )
+
+
+def _check_model(path: Path, name: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ExportError(f"the ONNX file exported from {name} is not valid ONNX: "
+                          f"{_one_line(exc)}") from exc
+
+
+def _tracer_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    notes, seen = [], set()
+    for w in caught:
+        if w.category.__name__ == "TracerWarning":
+            msg = _one_line(w.message, limit=200)
+            if msg not in seen:
+                seen.add(msg)
+                notes.append(f"tracer warning: {msg}")
+    return notes
+
+
+def _one_line(exc: BaseException | Warning | str, limit: int = 300) -> str:
+    """The root cause of ``exc`` as ``Type: first paragraph`` on one line, at most ``limit``
+    characters."""
+    root = exc
+    while isinstance(root, BaseException) and root.__cause__ is not None:
+        root = root.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip()  # no terminal colours
+    paragraph = re.split(r"\n\s*\n", text, maxsplit=1)[0]
+    line = " ".join(paragraph.split())
+    if isinstance(root, BaseException):
+        line = f"{type(root).__name__}: {line}" if line else type(root).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass
+class _Log:
+    text: str = ""
+    warnings: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[_Log]:
+    """Swallow what the exporters print: Python- and C-level stdout / stderr and warnings.
+
+    Process-wide while it lasts (file descriptors 1 and 2 point at a temporary file), so
+    that neither progress lines nor C++ logging reach the CLI's stdout.
+    """
+    log = _Log()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    buf = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved: list[tuple[int, int]] = []
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    yield log
+                finally:
+                    log.warnings = list(caught)
+        finally:
+            for fd, dup in saved:
+                os.dup2(dup, fd)
+                os.close(dup)
+            sink.seek(0)
+            log.text = buf.getvalue() + sink.read().decode("utf-8", "replace")
+            log.text += "".join(
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                for w in log.warnings)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model output: a tensor, (nested) tuples / lists, or dicts in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flatten(v)]
+    return []  # None, ints, strings: not graph outputs
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; the rest would go to stderr
+    # Idle worker threads would otherwise spin and slow down whatever PyTorch runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
+            atol: float, rtol: float) -> ParityResult:
+    import onnx
+    import torch
+
+    runs: list[tuple[str, tuple]] = []
+    if batch_list:
+        runs += [(f"calibration batch {i + 1}", b) for i, b in enumerate(batch_list)]
+    else:
+        runs.append(("example input", example))
+    for size in PARITY_BATCH_SIZES:
+        sliced = _resize_batch(example, size)
+        if not any(_same(sliced, r) for _, r in runs):
+            runs.append((f"batch size {size}", sliced))
+
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    del proto
+    # All PyTorch references first: onnxruntime's worker threads spin for a while after
+    # each run and would starve PyTorch's threads if the two alternated.
+    checks = [ParityCheck(label, int(inputs[0].shape[0]), math.inf, math.inf, False)
+              for label, inputs in runs]
+    references: list[list[torch.Tensor] | None] = []
+    with torch.no_grad(), _captured_output():
+        for check, (label, inputs) in zip(checks, runs):
+            try:
+                references.append([t.detach().cpu() for t in _flatten(model(*inputs))])
+            except Exception as exc:
+                if label.startswith("calibration"):
+                    from .errors import DataError
+
+                    raise DataError(f"{label} (shape {_shapes(inputs)}) does not fit "
+                                    f"{type(model).__name__}: {_one_line(exc)}") from exc
+                # a model that cannot run this batch size at all cannot have a file that does
+                check.error = f"the PyTorch model fails at this batch size: {_one_line(exc)}"
+                references.append(None)
+    n_outputs = next((len(r) for r in references if r is not None), 0)
+    notes: list[str] = []
+    with _captured_output():
+        try:
+            session = _session(path)
+        except Exception as exc:
+            session = None
+            notes.append(f"onnxruntime cannot load the file: {_one_line(exc)}")
+        for check, (_, inputs), reference in zip(checks, runs, references):
+            if reference is None:
+                continue
+            if session is None:
+                check.error = "onnxruntime cannot load the file"
+                continue
+            try:
+                got = _run_session(session, inputs)
+            except Exception as exc:
+                check.error = f"onnxruntime failed: {_one_line(exc)}"
+                continue
+            _compare(check, got, reference, atol, rtol)
+        del session  # free its threads and memory now
+    return ParityResult(
+        output=str(path), model=type(model).__name__,
+        max_abs_diff=max((c.max_abs_diff for c in checks), default=math.inf),
+        max_rel_diff=max((c.max_rel_diff for c in checks), default=math.inf),
+        passed=bool(checks) and all(c.passed for c in checks),
+        atol=atol, rtol=rtol, batch_sizes=sorted({c.batch_size for c in checks}),
+        outputs=n_outputs, opset=opset, exporter=None, file_size=path.stat().st_size,
+        checks=checks, notes=notes,
+    )
+
+
+def _shapes(inputs: tuple) -> str:
+    return ", ".join(str(list(t.shape)) for t in inputs)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and bool((x == y).all()) for x, y in zip(a, b))
+
+
+def _run_session(session, inputs: tuple) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the file takes {len(names)} inputs, the model {len(inputs)}")
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+    return session.run(None, feed)
+
+
+def _compare(check: ParityCheck, got: Sequence[np.ndarray], reference: list[torch.Tensor],
+             atol: float, rtol: float) -> None:
+    """Fill ``check`` with the largest differences over all outputs and the allclose verdict."""
+    import numpy as np
+
+    if len(got) != len(reference):
+        check.error = f"the file has {len(got)} outputs, the model {len(reference)}"
+        return
+    max_abs = max_rel = 0.0
+    ok = True
+    for i, (a, ref) in enumerate(zip(got, reference)):
+        b = ref.numpy()
+        if a.shape != b.shape:
+            check.error = (f"output {i}: shape {list(a.shape)} from onnxruntime, "
+                           f"{list(b.shape)} from torch")
+            return
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(a64 - b64)
+            both_nan = np.isnan(a64) & np.isnan(b64)
+            diff[both_nan] = 0.0
+            # matching infinities subtract to NaN: equal, like allclose's equal_nan
+            diff[(a64 == b64)] = 0.0
+            diff[np.isnan(diff)] = np.inf
+            finite = np.abs(b64[np.isfinite(b64)])
+            floor = max(REL_FLOOR * (float(finite.max()) if finite.size else 0.0),
+                        float(np.finfo(np.float32).tiny))
+            rel = diff / np.maximum(np.abs(b64), floor)
+            rel[np.isnan(rel)] = np.inf
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float(rel.max()))
+        ok = ok and bool(np.allclose(a64, b64, rtol=rtol, atol=atol, equal_nan=True))
+    check.max_abs_diff, check.max_rel_diff, check.passed = max_abs, max_rel, ok
