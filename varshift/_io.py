@@ -20,7 +20,7 @@ def check_output_path(out: str | os.PathLike, what: str, inputs: tuple = ()) -> 
     path = Path(out)
     for inp in inputs:
         if inp is not None and _same_file(path, Path(inp)):
-            raise OutputError(f"{what} {path} is the input file; write the output elsewhere")
+            raise OutputError(f"{what} {path} is an input file; write the output elsewhere")
     if path.is_dir():
         raise OutputError(f"{what} {path} is a directory; give a file path")
     parent = path.parent if str(path.parent) else Path(".")

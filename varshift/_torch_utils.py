@@ -31,6 +31,36 @@ def removing(handles: list) -> Iterator[list]:
         handles.clear()
 
 
+def fork_rng(device: torch.device):
+    """``torch.random.fork_rng`` covering ``device``: the caller's CPU (and, for a CUDA
+    device, that device's) RNG state is restored on exit."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
+    return torch.random.fork_rng(devices=[])
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model with uninitialized lazy parameters or buffers.
+
+    Such a model was never run: its BatchNorm layers hold no statistics, it cannot be copied,
+    and a forward would materialize the lazy layers, changing the model.
+
+    Raises:
+        VarshiftError: naming the first lazy tensors.
+    """
+    from .errors import VarshiftError
+
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise VarshiftError(
+            f"the model has {len(lazy)} uninitialized lazy parameter(s)/buffer(s) "
+            f"({', '.join(lazy[:3])}): it was never run, so its BatchNorm layers hold no "
+            "statistics; load trained weights (or run one forward) first"
+        )
+
+
 def parent_name(qualname: str) -> tuple[str, str]:
     """Split ``"a.b.c"`` into ``("a.b", "c")`` (torch.fx's ``_parent_name``)."""
     parent, _, name = qualname.rpartition(".")

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def _safe_names() -> set[str]:
 def _sniff(path: Path) -> str:
     """``zip``, ``legacy`` (old torch.save pickle), or raise LoadError for what we don't read."""
     with path.open("rb") as f:
-        head = f.read(16)
+        head = f.read(32)
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -124,6 +125,13 @@ def _sniff(path: Path) -> str:
             raise LoadError(f"{path} is a zip archive but not a torch.save file; {SUPPORTED}")
         return "zip"
     if head[:1] == b"\x80":
+        # A legacy torch.save file starts with its pickled magic number; anything else is a
+        # plain pickle.dump, which torch.load cannot read (and would run before saying so).
+        if _LEGACY_MAGIC not in head:
+            raise LoadError(
+                f"{path} is not a torch.save file (a plain pickle.dump, or damaged); load it in "
+                "Python and torch.save the model or its state_dict"
+            )
         return "legacy"
     if _looks_like_onnx(path, head):
         raise LoadError(
@@ -136,6 +144,10 @@ def _sniff(path: Path) -> str:
             "model and torch.save(model.state_dict(), ...) first"
         )
     raise LoadError(f"{path} is not a PyTorch file (unrecognized format); {SUPPORTED}")
+
+
+#: torch.save's legacy (pre-zip) magic number 0x1950a86a20f9469cfc6c as pickle's LONG1 opcode.
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def _looks_like_onnx(path: Path, head: bytes) -> bool:
@@ -168,10 +180,14 @@ def _torch_load(path: Path, trust: bool) -> Any:
     import torch
 
     try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(safe_classes()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns on stderr about pickle protocols > 2 before failing or succeeding;
+            # the outcome is reported in one line instead.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if trust:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(safe_classes()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             raise _refusal(path, exc) from None
@@ -179,7 +195,8 @@ def _torch_load(path: Path, trust: bool) -> Any:
     except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ModuleNotFoundError,
             ImportError, TypeError, IndexError, KeyError) as exc:
         text = _short(exc)
-        if "central directory" in text or "zip archive" in text or isinstance(exc, EOFError):
+        if ("central directory" in text or "zip archive" in text or "unexpected EOF" in text
+                or isinstance(exc, EOFError)):
             raise LoadError(f"{path} is truncated or corrupt ({text})")
         if trust and isinstance(exc, (AttributeError, ModuleNotFoundError, ImportError)):
             raise LoadError(
@@ -198,14 +215,29 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
     except Exception:  # legacy format: read the names from the message
         pass
     if not classes:
-        classes = re.findall(r"(?:GLOBAL|Unsupported global:?)\s+([\w.]+)", str(exc))
+        # torch's message: "Unsupported global: GLOBAL io.open was not an allowed global ..."
+        classes = re.findall(r"Unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(exc))
     safe = _safe_names()
     needed = sorted({c for c in classes if c not in safe}) or classes
+    advice = (
+        "pass --arch pkg.module:fn with a state dict, or --trust if you trust this file "
+        "(unpickling can run arbitrary code)"
+    )
+    if not needed:
+        # Not a class the allow-list lacks: an opcode or record the safe unpickler does not
+        # read (a legacy whole-module save stores source code; protocol > 2), or damage.
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        detail = reason.group(1).strip() if reason else _short(exc)
+        return RefusedPickleError(
+            f"refused to unpickle {path}: the safe loader cannot read it ({detail[:200]}); it is "
+            "damaged, or a legacy whole-module save or pickle protocol that only full unpickling "
+            f"reads; {advice}",
+            [],
+        )
     shown = ", ".join(needed[:6]) + (f" (+{len(needed) - 6} more)" if len(needed) > 6 else "")
     return RefusedPickleError(
-        f"refused to unpickle {path}: it needs {shown or 'classes'} outside varshift's safe list "
-        "(torch.nn and varshift); pass --arch pkg.module:fn with a state dict, or --trust if you "
-        "trust this file (unpickling can run arbitrary code)",
+        f"refused to unpickle {path}: it needs {shown} outside varshift's safe list "
+        f"(torch.nn and varshift); {advice}",
         needed,
     )
 

@@ -17,7 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .reports import ScanReport
+from .reports import ScanReport, plural
 
 FORMATS = ("text", "json", "markdown")
 
@@ -52,7 +52,8 @@ def render_to_string(report: Any, fmt: str, width: int = 120) -> str:
         return markdown(report)
     buf = io.StringIO()
     make_console(buf, width=width).print(text(report))
-    return buf.getvalue()
+    # Rich pads justified lines (a table's title) to the full width; files get no trailing blanks.
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
 
 def format_for_path(path: str, default: str) -> str:
@@ -130,7 +131,7 @@ def _(report: ScanReport):
         Text(f"{_title('scan', report)}, traced with {_traced(report.traced_with)}", style="bold")
     ]
     if report.findings:
-        table = Table(title="Regularizers that reach a BatchNorm", title_justify="left")
+        table = Table(title="Findings", title_justify="left")
         for col in ("regularizer", "p", "direct norms", "downstream", "predicted shift",
                     "severity", "remedy"):
             table.add_column(col, overflow="fold")
@@ -191,11 +192,324 @@ def _(report: ScanReport) -> str:
         out.append("")
     s = report.summary
     out.append(
-        f"{s['regularizers']} regularizers ({s['active_regularizers']} active), {s['norms']} "
-        f"BatchNorm layers ({s['affected_norms']} affected), traced with "
+        f"{plural(s['regularizers'], 'regularizer')} ({s['active_regularizers']} active), "
+        f"{plural(s['norms'], 'BatchNorm layer')} ({s['affected_norms']} affected), traced with "
         f"{_traced(report.traced_with)}. Predicted shifts are the paper's zero-mean estimate; "
         "`varshift probe` measures them."
     )
+    for note in report.notes:
+        out += ["", f"> note: {note}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- export
+
+from .reports import ParityResult  # noqa: E402  (appended section; see the top for the rest)
+
+
+def _fmt_diff(value: float) -> str:
+    return "-" if value == float("inf") else f"{value:.2e}"
+
+
+def _fmt_size(size: int) -> str:
+    for unit in ("B", "kB", "MB"):
+        if size < 1000 or unit == "MB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"  # pragma: no cover
+
+
+def _export_facts(report: ParityResult) -> str:
+    exporter = f"{report.exporter} exporter, " if report.exporter else ""
+    outputs = f"{report.outputs} output{'s' if report.outputs != 1 else ''}"
+    return (f"{exporter}opset {report.opset if report.opset is not None else '?'}, {outputs}, "
+            f"{_fmt_size(report.file_size)}; tolerance atol={report.atol:g}, "
+            f"rtol={report.rtol:g}")
+
+
+def _export_verdict(report: ParityResult) -> str:
+    sizes = ", ".join(str(b) for b in report.batch_sizes)
+    word = "parity within tolerance" if report.passed else "parity check failed"
+    return (f"{word} at batch sizes {sizes}: max abs diff {_fmt_diff(report.max_abs_diff)}, "
+            f"max rel diff {_fmt_diff(report.max_rel_diff)}")
+
+
+@text.register
+def _(report: ParityResult):
+    parts: list[Any] = [Text(f"{_title('export', report)} -> {report.output}", style="bold")]
+    table = Table(title="onnxruntime against PyTorch (eval mode)", title_justify="left")
+    for col in ("check", "batch", "max abs diff", "max rel diff", "result"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        result = Text("ok", style="green") if c.passed else Text(
+            c.error or "out of tolerance", style="bold red")
+        table.add_row(c.label, str(c.batch_size), _fmt_diff(c.max_abs_diff),
+                      _fmt_diff(c.max_rel_diff), result)
+    parts.append(table)
+    parts.append(Text(_export_facts(report)))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    label = ("PASSED ", "bold green") if report.passed else ("FAILED ", "bold red")
+    parts.append(Text.assemble(label, _export_verdict(report)))
+    return Group(*parts)
+
+
+@markdown.register
+def _(report: ParityResult) -> str:
+    status = "ok" if report.passed else "failed"
+    out = [f"### {_title('export', report)} -> `{report.output}`", "",
+           f"**Verdict ({status}):** {_export_verdict(report)}", ""]
+    rows = [[c.label, str(c.batch_size), _fmt_diff(c.max_abs_diff), _fmt_diff(c.max_rel_diff),
+             "ok" if c.passed else (c.error or "out of tolerance")] for c in report.checks]
+    out.append(_md_table(["check", "batch", "max abs diff", "max rel diff", "result"], rows))
+    out += ["", _export_facts(report) + "."]
+    for note in report.notes:
+        out += ["", f"> note: {note}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def _shift_bar(shift: float, scale: float, threshold: float, width: int = 16):
+    """A bar for ``shift`` on a log scale from 1x to ``scale``."""
+    import math
+
+    from rich.bar import Bar
+
+    if not math.isfinite(shift):
+        shift = scale
+    end = math.log(max(shift, 1.0)) / math.log(scale) * width if scale > 1 else 0.0
+    color = "red" if shift >= threshold else ("yellow" if shift >= 1 + (threshold - 1) / 2 else "green")
+    return Bar(size=width, begin=0, end=end, width=width, color=color)
+
+
+def _fmt_var(value: float) -> str:
+    return "-" if value != value else f"{value:.4g}"
+
+
+def _probe_layer_cells(layer) -> list[str]:
+    return [
+        _fmt_var(layer.running_var_mean),
+        _fmt_var(layer.eval_var_mean),
+        _fmt_var(layer.train_var_mean),
+        _fmt_shift(layer.shift, 3),
+        _fmt_shift(layer.train_shift, 3),
+        f"{_fmt_shift(layer.channel_shift_median)} / {_fmt_shift(layer.channel_shift_max)}",
+    ]
+
+
+def _affected_cell(layer) -> str:
+    if layer.affected is None:
+        return "?"
+    if not layer.affected:
+        return "-"
+    shown = ", ".join(layer.reached_by[:2])
+    return shown + (f" +{len(layer.reached_by) - 2}" if len(layer.reached_by) > 2 else "")
+
+
+def _probe_facts(report) -> str:
+    s = report.summary
+    return (
+        f"{report.samples} samples in {report.batches} batches (seed {report.seed}); "
+        f"{s['layers']} BatchNorm layers, {s['affected_layers']} reached by a regularizer; "
+        f"{s['layers_above_threshold']} at or above {report.threshold:g}x"
+    )
+
+
+from .reports import ProbeReport  # noqa: E402  (grouped with its renderers)
+
+
+@text.register
+def _(report: ProbeReport):
+    parts: list[Any] = [Text(_title("probe", report) + (f" on {report.data}" if report.data else ""),
+                             style="bold")]
+    if report.layers:
+        worst = report.worst.shift if report.worst else 1.0
+        scale = max(2.0, worst if worst == worst and worst != float("inf") else 2.0)
+        table = Table(title="Variance shift per BatchNorm (eval vs running; bar: log scale "
+                      f"1x-{scale:.3g}x)", title_justify="left")
+        for col in ("layer", "regularizer upstream", "running var", "eval var", "train var",
+                    "shift", "train/eval", "channels med/max", ""):
+            table.add_column(col, overflow="fold", no_wrap=col == "")
+        for layer in report.layers:
+            style = "bold" if layer.shift >= report.threshold else None
+            table.add_row(
+                Text(layer.name, style=style or ""),
+                _affected_cell(layer),
+                *_probe_layer_cells(layer),
+                _shift_bar(layer.shift, scale, report.threshold),
+            )
+        parts.append(table)
+    parts.append(Text(_probe_facts(report)))
+    for warning in report.warnings:
+        parts.append(Text(f"warning: {warning}", style="yellow"))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    label = ("OK ", "bold green") if report else ("SHIFTED ", "bold red")
+    parts.append(Text.assemble(label, report.verdict))
+    return Group(*parts)
+
+
+@markdown.register
+def _(report: ProbeReport) -> str:
+    status = "ok" if report else "shifted"
+    out = [f"### {_title('probe', report)}", "", f"**Verdict ({status}):** {report.verdict}", ""]
+    if report.layers:
+        rows = [[f"`{l.name}`", _affected_cell(l), *_probe_layer_cells(l)] for l in report.layers]
+        out.append(_md_table(["layer", "regularizer upstream", "running var", "eval var",
+                              "train var", "shift", "train/eval", "channels med/max"], rows))
+        out.append("")
+    out.append(_probe_facts(report) + ".")
+    for warning in report.warnings:
+        out += ["", f"> **warning:** {warning}"]
+    for note in report.notes:
+        out += ["", f"> note: {note}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- recalibrate
+
+
+from .reports import RecalibrationReport, SwapReport  # noqa: E402
+
+
+def _metrics_line(report: RecalibrationReport) -> str | None:
+    b, a = report.before, report.after
+    if b is None or a is None:
+        return None
+    where = "held-out" if a.held_out else "calibration (not held out)"
+    return (
+        f"{where} data, {a.samples} samples: accuracy {b.accuracy:.2%} -> {a.accuracy:.2%}, "
+        f"NLL {b.nll:.4f} -> {a.nll:.4f}"
+    )
+
+
+def _recal_rows(report: RecalibrationReport) -> list[list[str]]:
+    return [
+        [
+            l.name,
+            "yes" if l.recalibrated else "-",
+            _fmt_shift(l.shift_before, 3),
+            _fmt_shift(l.shift_after, 3),
+            f"{l.running_var_before:.4g} -> {l.running_var_after:.4g}",
+        ]
+        for l in report.layers
+    ]
+
+
+_RECAL_COLUMNS = ["layer", "recalibrated", "shift before", "shift after", "running var (mean)"]
+
+
+def _recal_facts(report: RecalibrationReport) -> str:
+    text = (
+        f"estimator {report.estimator}: {report.passes} pass(es) over {report.batches} batches "
+        f"({report.samples} samples)"
+    )
+    if report.output:
+        text += f"; wrote {report.output}"
+    return text
+
+
+@text.register
+def _(report: RecalibrationReport):
+    parts: list[Any] = [Text(_title("recalibrate", report) + (f" on {report.data}" if report.data else ""),
+                             style="bold")]
+    if report.layers:
+        table = Table(title="BatchNorm statistics before and after (shifts on the calibration data)",
+                      title_justify="left")
+        for col in _RECAL_COLUMNS:
+            table.add_column(col, overflow="fold")
+        for row in _recal_rows(report):
+            table.add_row(*row)
+        parts.append(table)
+    parts.append(Text(_recal_facts(report)))
+    line = _metrics_line(report)
+    if line:
+        parts.append(Text(line))
+    if report.onnx is not None:
+        parts.append(Text(f"ONNX: {_export_verdict(report.onnx)}"))
+    for warning in report.warnings:
+        parts.append(Text(f"warning: {warning}", style="yellow"))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    label = ("OK ", "bold green") if report else ("CHECK ", "bold red")
+    parts.append(Text.assemble(label, report.verdict))
+    return Group(*parts)
+
+
+@markdown.register
+def _(report: RecalibrationReport) -> str:
+    out = [f"### {_title('recalibrate', report)}", "",
+           f"**Verdict ({'ok' if report else 'check'}):** {report.verdict}", ""]
+    if report.layers:
+        out += [_md_table(_RECAL_COLUMNS, _recal_rows(report)), ""]
+    out.append(_recal_facts(report) + ".")
+    line = _metrics_line(report)
+    if line:
+        out += ["", line + "."]
+    if report.onnx is not None:
+        out += ["", f"ONNX: {_export_verdict(report.onnx)}."]
+    for warning in report.warnings:
+        out += ["", f"> **warning:** {warning}"]
+    for note in report.notes:
+        out += ["", f"> note: {note}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- swap
+
+
+def _swap_rows(report: SwapReport) -> list[list[str]]:
+    return [
+        [e.name, f"{e.type}(p={_fmt_p(e.p)})", e.replaced_with or "-", e.reason or ""]
+        for e in report.entries
+    ]
+
+
+_SWAP_COLUMNS = ["regularizer", "was", "now", "why not swapped"]
+
+
+@text.register
+def _(report: SwapReport):
+    parts: list[Any] = [Text(_title("swap", report), style="bold")]
+    if report.entries:
+        table = Table(title="Regularizers that reach a BatchNorm", title_justify="left")
+        for col in _SWAP_COLUMNS:
+            table.add_column(col, overflow="fold")
+        for row in _swap_rows(report):
+            table.add_row(*row)
+        parts.append(table)
+    if report.output:
+        parts.append(Text(f"wrote {report.output}"
+                          + (" (a torch.fx GraphModule)" if report.graph_module else "")))
+    if report.recalibration is not None:
+        line = _metrics_line(report.recalibration)
+        if line:
+            parts.append(Text(line))
+    if report.onnx is not None:
+        parts.append(Text(f"ONNX: {_export_verdict(report.onnx)}"))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    label = ("OK ", "bold green") if report else ("CHECK ", "bold red")
+    parts.append(Text.assemble(label, report.verdict))
+    return Group(*parts)
+
+
+@markdown.register
+def _(report: SwapReport) -> str:
+    out = [f"### {_title('swap', report)}", "",
+           f"**Verdict ({'ok' if report else 'check'}):** {report.verdict}", ""]
+    if report.entries:
+        out += [_md_table(_SWAP_COLUMNS, _swap_rows(report)), ""]
+    if report.output:
+        out.append(f"Wrote `{report.output}`" + (" (a torch.fx GraphModule)." if report.graph_module else "."))
+    if report.recalibration is not None:
+        line = _metrics_line(report.recalibration)
+        if line:
+            out += ["", line + "."]
+    if report.onnx is not None:
+        out += ["", f"ONNX: {_export_verdict(report.onnx)}."]
     for note in report.notes:
         out += ["", f"> note: {note}"]
     return "\n".join(out) + "\n"

@@ -20,6 +20,11 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 layer"``, ``"2 layers"``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become None, tuples lists, floats rounded to 6 figures."""
     if isinstance(value, float):
@@ -115,22 +120,27 @@ class ScanReport:
         shifts = [f.predicted_shift for f in self.findings if f.predicted_shift is not None]
         if not self.findings:
             if not self.norms:
-                return f"clean: no BatchNorm layers ({len(self.regularizers)} regularizers)"
+                return f"clean: no BatchNorm layers ({plural(len(self.regularizers), 'regularizer')})"
             return (
                 f"clean: no active regularizer reaches a BatchNorm ({len(active)} active "
-                f"regularizers, {len(self.norms)} BatchNorm layers)"
+                f"of {plural(len(self.regularizers), 'regularizer')}, "
+                f"{plural(len(self.norms), 'BatchNorm layer')})"
             )
         parts = []
         shifting = [f for f in self.findings if f.rule == "regularizer-before-norm"]
         if shifting:
             worst = f", worst predicted shift {max(shifts):.2f}x" if shifts else ""
             parts.append(
-                f"{len(shifting)} regularizer(s) shift the statistics of {len(affected)} of "
-                f"{len(self.norms)} BatchNorm layers{worst}"
+                f"{plural(len(shifting), 'regularizer')} "
+                f"{'shifts' if len(shifting) == 1 else 'shift'} the statistics of "
+                f"{len(affected)} of {plural(len(self.norms), 'BatchNorm layer')}{worst}"
             )
         random = [f for f in self.findings if f.rule == "dropout-at-inference"]
         if random:
-            parts.append(f"{len(random)} dropout call(s) stay active at inference")
+            parts.append(
+                f"{plural(len(random), 'dropout call')} "
+                f"{'stays' if len(random) == 1 else 'stay'} active at inference"
+            )
         return "; ".join(parts)
 
     @property
@@ -159,5 +169,421 @@ class ScanReport:
                 "findings": [dataclasses.asdict(f) for f in self.findings],
                 "notes": list(self.notes),
                 "summary": self.summary,
+            },
+        )
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@dataclass
+class LayerShift:
+    """Measured statistics of one norm's input (DESIGN.md "Words").
+
+    Variances are channel means (``mean_c``) of per-channel population variances; ``shift``
+    is ``max(r, 1/r)`` with ``r = eval_var_mean / running_var_mean``; ``train_shift`` compares
+    the train-mode variance with the eval one (the part the regularizers cause); the channel
+    shifts use ``(eval_var + eps) / (running_var + eps)`` per channel, ``eps`` the norm's own.
+    ``mean_offset`` is the channel mean of ``|eval_mean - running_mean| / sqrt(running_var + eps)``.
+    """
+
+    name: str
+    type: str
+    affected: bool | None
+    reached_by: list[str]
+    channels: int
+    running_var_mean: float
+    eval_var_mean: float
+    train_var_mean: float
+    shift: float
+    train_shift: float
+    channel_shift_median: float
+    channel_shift_max: float
+    running_mean_mean: float
+    eval_mean_mean: float
+    train_mean_mean: float
+    mean_offset: float
+    calls: int = 1
+
+
+@dataclass
+class ProbeReport:
+    """What ``varshift.probe`` measured, layer by layer in execution order.
+
+    ``bool(report)`` is True when no layer's shift reaches ``threshold``.
+    """
+
+    model: str
+    layers: list[LayerShift]
+    samples: int
+    batches: int
+    seed: int
+    threshold: float
+    traced_with: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+    data: str | None = None
+
+    schema = "varshift.probe/1"
+
+    @property
+    def worst(self) -> LayerShift | None:
+        return max(self.layers, key=lambda l: l.shift, default=None)
+
+    def above(self, threshold: float | None = None) -> list[LayerShift]:
+        t = self.threshold if threshold is None else threshold
+        return [l for l in self.layers if l.shift >= t]
+
+    def failed(self, threshold: float | None = None) -> bool:
+        return bool(self.above(threshold))
+
+    def __bool__(self) -> bool:
+        return not self.failed()
+
+    @property
+    def verdict(self) -> str:
+        worst = self.worst
+        if worst is None:
+            return "no BatchNorm layers: nothing to measure"
+        above = self.above()
+        head = (
+            f"{len(above)} of {plural(len(self.layers), 'BatchNorm layer')} at or above "
+            f"{self.threshold:g}x; worst {worst.shift:.3f}x at {worst.name}"
+            if above
+            else f"no BatchNorm layer reaches {self.threshold:g}x (worst {worst.shift:.3f}x at "
+            f"{worst.name})"
+        )
+        if not above:
+            return head
+        explained = worst.train_shift >= 1 + 0.5 * (worst.shift - 1)
+        if worst.affected and explained:
+            cause = (
+                f"the train-mode pass reproduces it ({worst.train_shift:.3f}x): dropout upstream "
+                f"({', '.join(worst.reached_by[:2]) or 'a regularizer'}) is the cause"
+            )
+        elif worst.affected:
+            cause = (
+                f"the train-mode pass explains only {worst.train_shift:.3f}x of it: the "
+                "calibration data may differ from the training data"
+            )
+        else:
+            cause = "no regularizer reaches it: the calibration data may differ from the training data"
+        return f"{head}; {cause}"
+
+    @property
+    def summary(self) -> dict:
+        worst = self.worst
+        return {
+            "max_shift": worst.shift if worst else 1.0,
+            "worst_layer": worst.name if worst else None,
+            "samples": self.samples,
+            "batches": self.batches,
+            "layers": len(self.layers),
+            "affected_layers": sum(bool(l.affected) for l in self.layers),
+            "threshold": self.threshold,
+            "layers_above_threshold": len(self.above()),
+            "verdict": self.verdict,
+        }
+
+    def to_dict(self) -> dict:
+        return _document(
+            self.schema,
+            {
+                "model": self.model,
+                "source": self.source,
+                "data": self.data,
+                "seed": self.seed,
+                "traced_with": self.traced_with,
+                "layers": [dataclasses.asdict(l) for l in self.layers],
+                "warnings": list(self.warnings),
+                "notes": list(self.notes),
+                "summary": self.summary,
+            },
+        )
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ParityCheck:
+    """One onnxruntime-versus-PyTorch comparison on one batch of inputs.
+
+    ``max_abs_diff`` and ``max_rel_diff`` are over all elements of all outputs (see
+    :class:`ParityResult`); ``error`` says why the file could not be run (then ``passed`` is
+    False and the differences are infinite).
+    """
+
+    label: str
+    batch_size: int
+    max_abs_diff: float
+    max_rel_diff: float
+    passed: bool
+    error: str | None = None
+
+
+@dataclass
+class ParityResult:
+    """An exported ONNX file and how closely onnxruntime reproduces the PyTorch model.
+
+    ``passed`` (and ``bool(result)``) is True when every element of every output of every
+    check is within ``atol + rtol * |torch|`` of the PyTorch value (``numpy.allclose``).
+    ``max_abs_diff`` is the largest ``|onnx - torch|``; ``max_rel_diff`` the largest
+    ``|onnx - torch| / max(|torch|, 1e-6 * max|torch of that output|)``: the floor keeps
+    elements that are (nearly) zero in the reference from making the ratio meaningless.
+    Both are infinite (``null`` in JSON) when a check could not run.
+
+    JSON (``varshift.export/1``): ``output``, ``max_abs_diff``, ``max_rel_diff``, ``passed``,
+    ``atol``, ``rtol``, ``batch_sizes``, ``outputs`` (number of output tensors), ``opset``,
+    ``exporter`` (``torch.export`` or ``torchscript``), ``file_size`` (bytes), ``model``,
+    ``source``, ``checks`` (``[{label, batch_size, max_abs_diff, max_rel_diff, passed,
+    error}]``) and ``notes``.
+    """
+
+    output: str
+    model: str
+    max_abs_diff: float
+    max_rel_diff: float
+    passed: bool
+    atol: float
+    rtol: float
+    batch_sizes: list[int]
+    outputs: int
+    opset: int | None
+    exporter: str | None
+    file_size: int
+    checks: list[ParityCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    schema = "varshift.export/1"
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        return _document(
+            self.schema,
+            {
+                "output": self.output,
+                "max_abs_diff": self.max_abs_diff,
+                "max_rel_diff": self.max_rel_diff,
+                "passed": self.passed,
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "batch_sizes": list(self.batch_sizes),
+                "outputs": self.outputs,
+                "opset": self.opset,
+                "exporter": self.exporter,
+                "file_size": self.file_size,
+                "model": self.model,
+                "source": self.source,
+                "checks": [dataclasses.asdict(c) for c in self.checks],
+                "notes": list(self.notes),
+            },
+        )
+
+
+# --------------------------------------------------------------------------- recalibrate
+
+
+@dataclass
+class LayerFix:
+    """One norm before and after recalibration (shifts measured on the calibration data)."""
+
+    name: str
+    type: str
+    recalibrated: bool
+    shift_before: float
+    shift_after: float
+    running_var_before: float
+    running_var_after: float
+    running_mean_before: float
+    running_mean_after: float
+
+
+@dataclass
+class Metrics:
+    """Accuracy and mean negative log-likelihood (cross-entropy of the outputs as logits)."""
+
+    accuracy: float
+    nll: float
+    samples: int
+    held_out: bool
+
+
+@dataclass
+class RecalibrationReport:
+    """What ``varshift.recalibrate`` changed, and what it did to the shifts and metrics.
+
+    ``bool(report)`` is True when no recalibrated layer's shift afterwards reaches
+    ``threshold``.
+    """
+
+    model: str
+    estimator: str  # "population" or "exact"
+    layers: list[LayerFix]
+    before: Metrics | None
+    after: Metrics | None
+    passes: int
+    batches: int
+    samples: int
+    threshold: float = 1.1
+    output: str | None = None
+    onnx: Any = None  # a ParityResult when --onnx was given
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    source: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+
+    schema = "varshift.recalibrate/1"
+
+    @property
+    def recalibrated(self) -> list[LayerFix]:
+        return [l for l in self.layers if l.recalibrated]
+
+    def __bool__(self) -> bool:
+        shifts = [l.shift_after for l in self.recalibrated if l.shift_after == l.shift_after]
+        ok = all(s < self.threshold for s in shifts)
+        return ok and (self.onnx is None or bool(self.onnx))
+
+    @property
+    def verdict(self) -> str:
+        fixed = self.recalibrated
+        if not fixed:
+            return "nothing recalibrated: no BatchNorm layer is reached by an active regularizer"
+        worst_b = max(fixed, key=lambda l: l.shift_before)
+        worst_a = max(fixed, key=lambda l: l.shift_after)
+        text = (
+            f"recalibrated {plural(len(fixed), 'BatchNorm layer')} ({self.estimator}): worst shift "
+            f"{worst_b.shift_before:.3f}x -> {worst_a.shift_after:.3f}x"
+        )
+        if self.before is not None and self.after is not None:
+            where = "held-out" if self.after.held_out else "calibration"
+            text += (
+                f"; {where} NLL {self.before.nll:.4f} -> {self.after.nll:.4f}, accuracy "
+                f"{self.before.accuracy:.2%} -> {self.after.accuracy:.2%}"
+            )
+        return text
+
+    def to_dict(self) -> dict:
+        metrics = None
+        if self.before is not None or self.after is not None:
+            metrics = {
+                "before": None if self.before is None else dataclasses.asdict(self.before),
+                "after": None if self.after is None else dataclasses.asdict(self.after),
+            }
+        return _document(
+            self.schema,
+            {
+                "model": self.model,
+                "source": self.source,
+                "output": self.output,
+                "estimator": self.estimator,
+                "data": self.data,
+                "eval_data": self.eval_data,
+                "passes": self.passes,
+                "batches": self.batches,
+                "samples": self.samples,
+                "layers": [dataclasses.asdict(l) for l in self.layers],
+                "metrics": metrics,
+                "onnx": None if self.onnx is None else self.onnx.to_dict(),
+                "notes": list(self.notes),
+                "warnings": list(self.warnings),
+                "summary": {
+                    "recalibrated": len(self.recalibrated),
+                    "max_shift_before": max((l.shift_before for l in self.recalibrated), default=None),
+                    "max_shift_after": max((l.shift_after for l in self.recalibrated), default=None),
+                    "verdict": self.verdict,
+                },
+            },
+        )
+
+
+# --------------------------------------------------------------------------- swap
+
+
+@dataclass
+class SwapEntry:
+    """A regularizer that reaches a norm, and what became of it."""
+
+    name: str
+    type: str
+    kind: str
+    p: float | None
+    swapped: bool
+    replaced_with: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class SwapReport:
+    """What ``varshift.swap`` replaced. ``bool(report)``: every targeted regularizer swapped."""
+
+    model: str
+    to: str
+    beta: float
+    entries: list[SwapEntry]
+    graph_module: bool
+    recalibration: RecalibrationReport | None = None
+    output: str | None = None
+    onnx: Any = None
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    schema = "varshift.swap/1"
+
+    @property
+    def swapped(self) -> list[SwapEntry]:
+        return [e for e in self.entries if e.swapped]
+
+    @property
+    def skipped(self) -> list[SwapEntry]:
+        return [e for e in self.entries if not e.swapped]
+
+    def __bool__(self) -> bool:
+        return not self.skipped and (self.onnx is None or bool(self.onnx))
+
+    @property
+    def verdict(self) -> str:
+        if not self.entries:
+            return "nothing to swap: no active regularizer reaches a BatchNorm"
+        text = (
+            f"swapped {len(self.swapped)} of {plural(len(self.entries), 'regularizer')} for "
+            f"Uout(beta={self.beta:g})"
+        )
+        if self.skipped:
+            text += f"; {len(self.skipped)} could not be swapped"
+        if self.recalibration is None:
+            text += (
+                "; eval outputs are unchanged until the model is fine-tuned (BatchNorm still "
+                "holds the old statistics: pass --data to recalibrate them now)"
+            )
+        else:
+            text += f"; {self.recalibration.verdict}"
+        return text
+
+    def to_dict(self) -> dict:
+        return _document(
+            self.schema,
+            {
+                "model": self.model,
+                "source": self.source,
+                "output": self.output,
+                "to": self.to,
+                "beta": self.beta,
+                "graph_module": self.graph_module,
+                "swapped": [dataclasses.asdict(e) for e in self.swapped],
+                "skipped": [dataclasses.asdict(e) for e in self.skipped],
+                "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
+                "onnx": None if self.onnx is None else self.onnx.to_dict(),
+                "notes": list(self.notes),
+                "summary": {
+                    "swapped": len(self.swapped),
+                    "skipped": len(self.skipped),
+                    "verdict": self.verdict,
+                },
             },
         )

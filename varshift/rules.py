@@ -163,18 +163,16 @@ def _shift_finding(
         f": {estimate}"
     )
     if reg.kind == kinds.UOUT:
-        remedy = "Uout is the paper's variance-stable remedy; recalibrate if the small shift matters"
+        remedy = "none needed: Uout is the variance-stable choice (recalibrate if it matters)"
     elif reg.kind in _MOVABLE:
         remedy = (
-            "run `varshift recalibrate --exact` to fix the BatchNorm statistics now; or swap to "
-            "Uout (`varshift swap`) and fine-tune; or move the dropout after the last "
-            f"BatchNorm ({last_norm})"
+            "`varshift recalibrate --exact`; or `varshift swap` to Uout and fine-tune; or move "
+            f"it after the last BatchNorm ({last_norm})"
         )
     else:
         remedy = (
-            "run `varshift recalibrate --exact` to fix the BatchNorm statistics "
-            f"({reg.kind.replace('_', '-')} sits inside the network and cannot move after the "
-            "last BatchNorm); or swap to Uout (`varshift swap`) and fine-tune"
+            "`varshift recalibrate --exact`; or `varshift swap` to Uout and fine-tune "
+            f"({reg.kind.replace('_', '-')} cannot move after the last BatchNorm)"
         )
     if reg.kind == kinds.ALPHA_DROPOUT:
         message += "; AlphaDropout keeps the variance only for standardized SELU inputs"
