@@ -9,6 +9,7 @@ batches (tensors, ``(inputs, labels)`` pairs or dicts).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, VarshiftError
 from .loading import check_readable, resolve_arch
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
@@ -87,9 +88,8 @@ class Calibration:
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
-        for i, raw in enumerate(self.make_iter()):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
+        # islice: stop before pulling a batch past max_batches (a DataLoader would load it)
+        for i, raw in enumerate(itertools.islice(self.make_iter(), self.max_batches)):
             x, y = split_batch(raw, f"batch {i} of {self.source}")
             check_batch(x, y, i, self.source)
             count += x.shape[0]
@@ -184,8 +184,13 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
                 f"DATA {path} has arrays {keys[:8]}; name the inputs one of {INPUT_KEYS}"
             )
         y_key = next((k for k in LABEL_KEYS if k in keys), None)
-        x = _as_tensor(arr[x_key], f"DATA {path}")
-        y = _as_tensor(arr[y_key], f"DATA {path}") if y_key else None
+        try:  # .npz members are read lazily: an object array fails only here
+            x_arr, y_arr = arr[x_key], (arr[y_key] if y_key else None)
+        except Exception as exc:
+            raise DataError(f"DATA {path} is not a readable numpy file ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})")
+        x = _as_tensor(x_arr, f"DATA {path}")
+        y = _as_tensor(y_arr, f"DATA {path}") if y_key else None
     return x, y
 
 
@@ -198,11 +203,50 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     def make() -> Iterator[Any]:
         try:
             result = fn()
-            return iter(result)
-        except TypeError as exc:
-            raise DataError(f"--data {spec!r} must return an iterable of batches ({exc})")
+        except VarshiftError:
+            raise
+        except Exception as exc:  # the user's code failed: bad input, not a varshift bug
+            raise DataError(f"--data {spec!r}: calling it failed ({type(exc).__name__}: "
+                            f"{_short(exc)})") from exc
+        if _is_array(result):  # iterating it would yield single samples, not batches
+            raise DataError(
+                f"--data {spec!r} returned a single {type(result).__name__} of shape "
+                f"{tuple(result.shape)}; return an iterable of batches (a list, a generator, a "
+                "DataLoader), or save the tensor to a .pt file"
+            )
+        try:
+            batches = iter(result)
+        except TypeError:
+            raise DataError(
+                f"--data {spec!r} must return an iterable of batches, got {type(result).__name__}"
+            ) from None
+        return _guarded(batches, spec)
 
     return Calibration(spec, make, max_batches)
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 200 chars."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
+    """Re-raise errors from the user's iterator as DataError, naming the batch."""
+    index = 0
+    while True:
+        try:
+            raw = next(batches)
+        except StopIteration:
+            return
+        except VarshiftError:
+            raise
+        except Exception as exc:
+            raise DataError(f"--data {spec!r} failed while producing batch {index} "
+                            f"({type(exc).__name__}: {_short(exc)})") from exc
+        yield raw
+        del raw  # hold no batch while the caller works on it
+        index += 1
 
 
 def load_data(
@@ -240,17 +284,21 @@ def load_data(
     return from_tensors(x, y, batch_size, source=str(path), max_batches=max_batches)
 
 
-def as_batches(batches: Iterable[Any]) -> Iterable[Batch]:
+def as_batches(batches: Iterable[Any], once: bool = False) -> Iterable[Batch]:
     """Normalize an API ``batches`` argument to a re-iterable of ``(inputs, labels)``.
 
     A :class:`Calibration` or a re-iterable (list, DataLoader) passes through; a one-shot
     iterator (a generator) is materialized once, so that multi-pass estimators can reuse it.
+    With ``once=True`` (a caller that iterates exactly once, like probe) a one-shot iterator
+    is wrapped instead, so memory stays O(one batch) whatever its length.
     """
     if isinstance(batches, Calibration):
         return batches
     if isinstance(batches, torch.Tensor):
         return Calibration("batches", lambda: iter([batches]))
     if iter(batches) is batches:  # a one-shot iterator
+        if once:
+            return Calibration("batches", lambda: batches)
         batches = list(batches)
     n = len(batches) if hasattr(batches, "__len__") else None
     return Calibration("batches", lambda: iter(batches), n_batches=n)

@@ -67,8 +67,11 @@ class ScratchStats:
         self.restore()
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early: everything needed has been seen."""
+class StopForward(BaseException):
+    """Raised by a hook to end a forward pass early: everything needed has been seen.
+
+    A BaseException, so that a model whose forward catches ``Exception`` cannot swallow it.
+    """
 
 
 class InputStats:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
-from ._torch_utils import model_device, preserved_modes, removing
+from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
 from .data import as_batches
 from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
@@ -37,13 +37,6 @@ if TYPE_CHECKING:
 MISMATCH = 1.25
 
 Progress = Callable[[int, "int | None"], None]
-
-
-def fork_rng(device: torch.device):
-    """``torch.random.fork_rng`` for ``device``: the caller's RNG state is restored on exit."""
-    if device.type == "cuda":
-        return torch.random.fork_rng(devices=[device.index or torch.cuda.current_device()])
-    return torch.random.fork_rng(devices=[])
 
 
 def forward(model: nn.Module, x: torch.Tensor, index: int) -> Any:
@@ -97,16 +90,22 @@ def probe(
 
     Raises:
         DataError: the data is empty, has NaN/Inf, or does not fit the model.
+        VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
-    cal = as_batches(batches)
+    check_materialized(model)
+    cal = as_batches(batches, once=True)
     dev = torch.device(device) if device is not None else model_device(model)
     prepare = input_preparer(model, dev)
     norms = norm_modules(model)
 
-    first = next(iter(cal), None)
+    # One pass over the data: the first batch is peeked for the scan, then chained back, so
+    # a generator is streamed (not materialized) and a data callable is called once.
+    stream = iter(cal)
+    first = next(stream, None)
     if first is None:
         raise DataError("the calibration data yielded no batches")
     scan_report = scan_for(model, prepare(first[0]))
+    stream, first = _prepended(first, stream), None
     affected = {n.name: n for n in scan_report.norms}
 
     n_batches = samples = 0
@@ -119,7 +118,7 @@ def probe(
         eval_stats = InputStats(norms).attach(handles)
         train_stats = BatchStats(scratch).attach(handles)
         torch.manual_seed(seed)
-        for index, (x, _) in enumerate(cal):
+        for index, (x, _) in enumerate(stream):
             x = prepare(x)
             eval_stats.active, train_stats.active = True, False
             scratch.original()
@@ -156,6 +155,14 @@ def probe(
         )
     _check_calibration(report)
     return report
+
+
+def _prepended(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """``first`` then ``rest``, holding no reference to ``first`` once it is consumed
+    (``itertools.chain`` keeps its arguments alive to the end)."""
+    yield first
+    del first
+    yield from rest
 
 
 def _ratio_shift(a: float, b: float) -> float:
