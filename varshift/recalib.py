@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._torch_utils import model_device, preserved_modes, removing
+from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches
 from .errors import DataError
 from .graph import NORM
@@ -71,6 +71,7 @@ def recalibrate(
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
+    check_materialized(model)
     cal = as_batches(batches)
     fixed = model if inplace else copy.deepcopy(model)
     dev = torch.device(device) if device is not None else model_device(fixed)

@@ -37,12 +37,18 @@ def _get_at(container: Any, path: tuple[str, ...]) -> Any:
 
 
 def updated_state_dict(loaded: LoadedModel, module: nn.Module, keys: Iterable[str]) -> dict:
-    """The file's state dict with ``keys`` (module key names) taken from ``module``."""
+    """The file's state dict with ``keys`` (module key names) taken from ``module``.
+
+    Keys the file does not have (``num_batches_tracked`` in checkpoints from before PyTorch
+    0.4.1, which loading tolerates) are not added: the file keeps its own set of keys.
+    """
     original = _get_at(loaded.container, loaded.state_path)
     new = copy.copy(original)  # keeps OrderedDict and its _metadata
     current = module.state_dict()
     for key in keys:
         file_key = loaded.key_map.get(key, key)
+        if file_key not in original:
+            continue
         old = original[file_key]
         new[file_key] = current[key].detach().to(dtype=old.dtype, device=old.device).clone()
     return new

@@ -11,6 +11,7 @@ still act when the model is fine-tuned. Whatever cannot be swapped is listed wit
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ import torch.fx
 import torch.nn as nn
 
 from . import kinds
-from ._torch_utils import replace_submodule
+from ._torch_utils import check_materialized, replace_submodule
 from .errors import VarshiftError
 from .graph import _fx_owner, _Namer, fx_graph_module
 from .reports import SwapEntry, SwapReport
@@ -69,6 +70,7 @@ def swap(
         raise VarshiftError(f"--to {to!r} is not supported; choose one of: {', '.join(TARGETS)}")
     if not (isinstance(beta, (int, float)) and 0 < beta < 1):
         raise VarshiftError(f"--beta must be in (0, 1), got {beta}")
+    check_materialized(model)
     out = model if inplace else copy.deepcopy(model)
     found = scan(out, example_input)
     targets = [r for r in found.regularizers if r.active and r.reaches and not r.always_on]
@@ -118,24 +120,75 @@ def _entry(reg: "RegularizerEntry", swapped: bool, beta: float, reason: str | No
     )
 
 
+def _regularizer_calls(
+    gm: torch.fx.GraphModule,
+) -> list[tuple[torch.fx.Node, kinds.RegularizerInfo]]:
+    """The functional regularizer calls of ``gm`` in graph order, with what they do."""
+    calls = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or not callable(node.target):
+            continue
+        info = kinds.regularizer_of_call(node.target, node.args, node.kwargs)
+        if info is not None:
+            calls.append((node, info))
+    return calls
+
+
+def _call_key(node: torch.fx.Node, info: kinds.RegularizerInfo) -> tuple:
+    """What identifies a call in both traces: owner, op, p and the op that feeds it."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    feeder: str | None = None
+    if isinstance(source, torch.fx.Node):
+        feeder = source.op if source.op in ("placeholder", "get_attr") else (
+            kinds.function_name(source.target) if source.op != "call_module" else str(source.target))
+    return (_fx_owner(node), kinds.function_name(node.target), info.p, feeder)
+
+
+def _eval_call_names(model: nn.Module, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    """scan's names (``owner:op``, ``owner:op_1``, ...) for the calls in the eval-mode ``gm``.
+
+    scan numbers the calls of the *training*-mode graph. A call that only happens in training
+    (``if self.training: x = F.dropout(x, p)``) is missing from the eval graph, so numbering
+    the eval graph on its own would shift every later name onto the wrong call. Each eval call
+    takes the name of the next training call with the same key (owner, op, p, feeder), then,
+    for calls whose feeder differs between the modes, of the next unclaimed call of the same
+    owner and op.
+    """
+    namer = _Namer()
+    exact: dict[tuple, list[str]] = defaultdict(list)
+    loose: dict[tuple, list[str]] = defaultdict(list)
+    for node, info in _regularizer_calls(fx_graph_module(model, training=True)):
+        key = _call_key(node, info)
+        name = namer(key[0], key[1])
+        exact[key].append(name)
+        loose[key[:2]].append(name)
+    names: dict[torch.fx.Node, str] = {}
+    unmatched = []
+    for node, info in _regularizer_calls(gm):
+        key = _call_key(node, info)
+        if exact[key]:
+            names[node] = exact[key].pop(0)
+            loose[key[:2]].remove(names[node])
+        else:
+            unmatched.append((node, key))
+    for node, key in unmatched:
+        if loose[key[:2]]:
+            names[node] = loose[key[:2]].pop(0)
+    return names
+
+
 def _rewrite_functional(
     model: nn.Module, names: set[str], beta: float
 ) -> tuple[torch.fx.GraphModule, set[str]]:
     """Trace in eval mode; swap the named functional calls for Uout submodules."""
     gm = fx_graph_module(model, training=False)
     gm.train(model.training)
-    namer = _Namer()
+    call_names = _eval_call_names(model, gm)
     done: set[str] = set()
     counter = 0
-    for node in list(gm.graph.nodes):
-        if node.op not in ("call_function", "call_method"):
-            continue
-        info = kinds.regularizer_of_call(node.target, node.args, node.kwargs) if callable(
-            node.target) else None
-        if info is None:
-            continue
-        name = namer(_fx_owner(node), kinds.function_name(node.target))
+    for node, info in _regularizer_calls(gm):
         fn_name = kinds.function_name(node.target)
+        name = call_names.get(node)
         if name in names:
             module: nn.Module | None = Uout(beta)
             done.add(name)
