@@ -139,10 +139,10 @@ def _emit(rep: Any, fmt: Format, report_file: str | None, quiet: bool) -> None:
         write_text_atomic(report_file, render_to_string(rep, format_for_path(report_file, fmt.value)))
     if quiet:
         return
-    if fmt is Format.text:
-        make_console().print(text(rep))
-    else:
-        sys.stdout.write(render_to_string(rep, fmt.value))
+    if fmt is Format.text and sys.stdout.isatty():
+        make_console().print(text(rep))  # colour and the terminal's width
+    else:  # pipes, files and CI logs: plain text, the same bytes as --report writes
+        sys.stdout.write(render_to_string(rep, fmt.value, width=make_console().width))
         sys.stdout.flush()
 
 

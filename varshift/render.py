@@ -403,7 +403,8 @@ _RECAL_COLUMNS = ["layer", "recalibrated", "shift before", "shift after", "runni
 
 def _recal_facts(report: RecalibrationReport) -> str:
     text = (
-        f"estimator {report.estimator}: {report.passes} pass(es) over {report.batches} batches "
+        f"estimator {report.estimator}: {plural(report.passes, 'pass', 'passes')} over "
+        f"{plural(report.batches, 'batch', 'batches')} "
         f"({report.samples} samples)"
     )
     if report.output:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from . import kinds
 from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
-from .reports import Finding, severity_rank, NormEntry, RegularizerEntry, ScanReport
+from .reports import Finding, plural, severity_rank, NormEntry, RegularizerEntry, ScanReport
 
 if TYPE_CHECKING:
     import torch
@@ -157,11 +157,9 @@ def _shift_finding(
         f"predicted shift ~{shift:.3g}x (zero-mean estimate)" if shift is not None else
         "shift cannot be predicted (p unknown)"
     )
-    message = (
-        f"{reg.name} [{what}] feeds {', '.join(direct)}"
-        f"{f' and {downstream - len(direct)} more BatchNorm layer(s) downstream' if downstream > len(direct) else ''}"
-        f": {estimate}"
-    )
+    more = downstream - len(direct)
+    further = f" and {plural(more, 'more BatchNorm layer')} downstream" if more > 0 else ""
+    message = f"{reg.name} [{what}] feeds {', '.join(direct)}{further}: {estimate}"
     if reg.kind == kinds.UOUT:
         remedy = "none needed: Uout is the variance-stable choice (recalibrate if it matters)"
     elif reg.kind in _MOVABLE:
