@@ -233,6 +233,59 @@ def test_cli_swap_with_data_also_recalibrates(cli, tmp_path: Path) -> None:
     assert not torch.equal(saved[5].running_var, original[5].running_var)
 
 
+ARCH_FILE = """
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, p=0.3):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.drop = nn.Dropout(p)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.bn(self.drop(self.fc1(x))))
+
+
+def build(p=0.3):
+    return Net(p)
+"""
+
+
+def test_swapped_checkpoint_model_reloads_with_its_arch(tmp_path: Path) -> None:
+    """A checkpoint cannot carry Uout, so swap writes a whole module of the --arch class; a
+    fresh process loads it again with --trust and the same --arch (the class's module)."""
+    from conftest import run_module
+
+    (tmp_path / "mynet.py").write_text(ARCH_FILE)
+    torch.manual_seed(0)
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "swapped.pt"
+    torch.save({"epoch": 3, "state_dict": _mynet_state(tmp_path)}, ckpt)
+    arch = f"{tmp_path / 'mynet.py'}:build"
+    swapped = run_module("swap", ckpt, "--arch", arch, "--output", out, "--format", "json",
+                         cwd=tmp_path)
+    assert swapped.code == 0, swapped.err
+    assert any("--trust" in n for n in json.loads(swapped.out)["notes"])
+    refused = run_module("scan", out, cwd=tmp_path)
+    assert refused.code == 2 and "mynet.Net" in refused.err
+    scanned = run_module("scan", out, "--trust", "--arch", arch, "--format", "json", cwd=tmp_path)
+    assert scanned.code == 0, scanned.err
+    regs = json.loads(scanned.out)["regularizers"]
+    assert [(r["name"], r["type"], r["p"]) for r in regs] == [("drop", "Uout", 0.1)]
+
+
+def _mynet_state(folder: Path) -> dict:
+    """The state dict of mynet.build() (trained stats do not matter here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_mynet_for_state", folder / "mynet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build().state_dict()
+
+
 # --------------------------------------------------------------------------- Uout
 
 

@@ -12,6 +12,7 @@ written back in the same form (see :func:`save_like`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -297,9 +298,19 @@ def resolve_arch(spec: str) -> Callable:
 def _import_file(path: Path, spec: str):
     if not path.is_file():
         raise ArchError(f"--arch {spec!r}: no such file {path}")
-    name = f"varshift_arch_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-    if name in sys.modules:
-        return sys.modules[name]
+    # Import it under its own file name when that is free, as `python file.py`'s neighbours
+    # would: then whole-module pickles of its classes name `<stem>.<Class>`, importable again
+    # with the folder on sys.path (or with the same --arch, which is imported before unpickling).
+    resolved = path.resolve()
+    name = path.stem if path.stem.isidentifier() else f"varshift_arch_{path.stem}"
+    existing = sys.modules.get(name)
+    if existing is not None:
+        if Path(getattr(existing, "__file__", "") or "").resolve() == resolved:
+            return existing
+        digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+        name = f"varshift_arch_{digest}_{path.stem}"
+        if name in sys.modules:
+            return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise ArchError(f"--arch {spec!r}: {path} is not an importable Python file")
@@ -445,6 +456,8 @@ def load_model(
     path = Path(path)
     check_readable(path)
     _sniff(path)
+    if arch:
+        resolve_arch(arch)  # fail early on a bad --arch; its classes may be in the pickle
     obj = _torch_load(path, trust)
     found = find_state_dict(obj)
     if found is None:
