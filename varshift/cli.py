@@ -52,10 +52,10 @@ ModelArg = Annotated[
 ]
 ArchOpt = Annotated[
     Optional[str],
-    typer.Option("--arch", help="Builds the module for a state dict: pkg.module:fn or file.py:fn."),
+    typer.Option("--arch", metavar="SPEC", help="Builds the module for a state dict: pkg.module:fn or file.py:fn."),
 ]
 ArchArgsOpt = Annotated[
-    Optional[str], typer.Option("--arch-args", help="JSON object of keyword arguments for --arch.")
+    Optional[str], typer.Option("--arch-args", metavar="JSON", help="JSON object of keyword arguments for --arch.")
 ]
 TrustOpt = Annotated[
     bool,
@@ -65,13 +65,14 @@ InputShapeOpt = Annotated[
     Optional[str],
     typer.Option(
         "--input-shape",
+        metavar="SHAPE",
         help="Example input shape, e.g. 1,3,224,224: traces models that torch.fx cannot.",
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Report format on stdout.")]
 ReportOpt = Annotated[
     Optional[str],
-    typer.Option("--report", help="Also write the report to FILE (.json, .md, else --format)."),
+    typer.Option("--report", metavar="FILE", help="Also write the report to FILE (.json, .md, else --format)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stdout.")]
 
@@ -181,15 +182,16 @@ DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
+        metavar="DATA",
         help="Calibration data: .pt, .npy, .npz, or pkg.module:callable returning batches.",
         show_default=False,
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per batch for file data.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per batch for file data.")]
 MaxBatchesOpt = Annotated[
-    Optional[int], typer.Option("--max-batches", help="Use at most N batches.")
+    Optional[int], typer.Option("--max-batches", metavar="N", help="Use at most N batches.")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds the train-mode pass (dropout masks).")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seeds the train-mode pass (dropout masks).")]
 
 
 class Device(str, Enum):
@@ -286,15 +288,15 @@ def probe(
 
 
 OutputOpt = Annotated[
-    str, typer.Option("--output", "-o", help="Where to write the result.", show_default=False)
+    str, typer.Option("--output", "-o", metavar="OUT", help="Where to write the result.", show_default=False)
 ]
 OnnxOpt = Annotated[
     Optional[str],
-    typer.Option("--onnx", help="Also export the result to this ONNX file and check parity."),
+    typer.Option("--onnx", metavar="OUT.onnx", help="Also export the result to this ONNX file and check parity."),
 ]
 EvalDataOpt = Annotated[
     Optional[str],
-    typer.Option("--eval-data", help="Held-out labelled data for accuracy and NLL before/after."),
+    typer.Option("--eval-data", metavar="DATA", help="Held-out labelled data for accuracy and NLL before/after."),
 ]
 ExactOpt = Annotated[
     bool,
@@ -364,7 +366,7 @@ def swap(
     to: Annotated[str, typer.Option("--to", help="The replacement (only: uout).")] = "uout",
     beta: Annotated[float, typer.Option("--beta", help="Uout noise half-width.")] = 0.1,
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Also recalibrate on this data.")
+        Optional[str], typer.Option("--data", metavar="DATA", help="Also recalibrate on this data.")
     ] = None,
     exact: ExactOpt = False,
     eval_data: EvalDataOpt = None,
@@ -431,7 +433,7 @@ def export(
     model: ModelArg,
     output: OutputOpt,
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Check parity on these batches.")
+        Optional[str], typer.Option("--data", metavar="DATA", help="Check parity on these batches.")
     ] = None,
     input_shape: InputShapeOpt = None,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-4,
