@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -327,9 +329,15 @@ def main(out: Path = HERE) -> None:
         "digits_test.pt": {"inputs": x_test, "labels": y_test},
     }
     print()
-    for name, obj in files.items():
-        torch.save(obj, out / name)  # straight to the final path: the zip's folder is its stem
-    np.save(out / "digits_calib.npy", x_calib.numpy())
+    # Each file is written into a scratch folder under its final name (torch.save's zip names
+    # its inner folder after the file's stem, so the bytes depend on the name) and then moved
+    # into place: a reader never sees a half-written file.
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        for name, obj in files.items():
+            torch.save(obj, Path(scratch) / name)
+            os.replace(Path(scratch) / name, out / name)
+        np.save(Path(scratch) / "digits_calib.npy", x_calib.numpy())
+        os.replace(Path(scratch) / "digits_calib.npy", out / "digits_calib.npy")
     for name in [*files, "digits_calib.npy"]:
         data = (out / name).read_bytes()
         print(f"  {hashlib.sha256(data).hexdigest()}  {len(data):>7}  {name}")
