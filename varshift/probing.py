@@ -30,6 +30,7 @@ from .reports import LayerShift, ProbeReport
 from .stats import ChannelMoments
 
 if TYPE_CHECKING:
+    from .graph import DataflowGraph
     from .reports import ScanReport
 
 #: Unaffected layers whose train-mode variance differs from their running variance by more
@@ -54,12 +55,13 @@ def forward(model: nn.Module, x: torch.Tensor, index: int) -> Any:
         raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
 
 
-def scan_for(model: nn.Module, x: torch.Tensor) -> "ScanReport":
-    """Scan the model, tracing dynamically on ``x[:1]`` if fx cannot; errors name the data."""
-    from .rules import scan
+def scan_for(model: nn.Module, x: torch.Tensor) -> "tuple[ScanReport, DataflowGraph]":
+    """Scan the model (and return the graph), tracing dynamically on ``x[:1]`` if fx cannot;
+    errors name the data."""
+    from .rules import scan_traced
 
     try:
-        return scan(model, x[:1])
+        return scan_traced(model, x[:1])
     except TraceError as exc:
         raise fit_error(model, x, exc.__cause__ or exc) from exc
 
@@ -104,7 +106,7 @@ def probe(
     first = next(stream, None)
     if first is None:
         raise DataError("the calibration data yielded no batches")
-    scan_report = scan_for(model, prepare(first[0]))
+    scan_report, _ = scan_for(model, prepare(first[0]))
     stream, first = _prepended(first, stream), None
     affected = {n.name: n for n in scan_report.norms}
 

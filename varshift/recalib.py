@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches
 from .errors import DataError
-from .graph import NORM
+from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .probing import Progress, forward, scan_for
@@ -81,7 +81,7 @@ def recalibrate(
     first = next(iter(cal), None)
     if first is None:
         raise DataError("the calibration data yielded no batches")
-    scan_report = scan_for(fixed, prepare(first[0]))
+    scan_report, graph = scan_for(fixed, prepare(first[0]))
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
@@ -117,7 +117,7 @@ def recalibrate(
     n_batches = 0
     if targets:
         if exact:
-            passes, n_batches = _exact(fixed, cal, prepare, norms, targets, progress)
+            passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
         else:
             passes, n_batches = _population(fixed, cal, prepare, norms, targets, progress)
 
@@ -235,10 +235,8 @@ def dependency_levels(scan_graph_norms: dict[str, set[str]], targets: list[str])
     return out
 
 
-def _norm_reach(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
-    from .graph import trace
-
-    graph = trace(model, example)
+def _norm_reach(graph: DataflowGraph) -> dict[str, set[str]]:
+    """Norm name -> the names of the norms downstream of it."""
     out: dict[str, set[str]] = {}
     for op in graph.ops:
         if op.role == NORM:
@@ -277,9 +275,8 @@ class _CallCounter:
         return dict(self.rows[0])
 
 
-def _exact(model, cal, prepare, norms, targets, progress) -> tuple[int, int]:
-    first = prepare(next(iter(cal))[0])
-    levels = dependency_levels(_norm_reach(model, first[:1]), targets)
+def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
+    levels = dependency_levels(_norm_reach(graph), targets)
     total = getattr(cal, "n_batches", None)
     per_forward: dict[str, int] | None = None
     n_batches = 0

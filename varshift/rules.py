@@ -47,6 +47,13 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
         TraceError: fx cannot trace the model and no example input was given, or the model
             does not run on the example input.
     """
+    return scan_traced(model, example_input)[0]
+
+
+def scan_traced(
+    model: "nn.Module", example_input: "torch.Tensor | None" = None
+) -> tuple[ScanReport, DataflowGraph]:
+    """:func:`scan`, also returning the dataflow graph it traced (for passes that need it)."""
     graph = trace(model, example_input)
     report = scan_graph(graph, type(model).__name__)
     if graph.traced_with == "dynamic" and example_input is not None:
@@ -54,7 +61,7 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
             "torch.fx could not trace this model; it was traced by running it once on an "
             f"input of shape {tuple(example_input.shape)} (branches not taken then are not seen)"
         )
-    return report
+    return report, graph
 
 
 def _grouped(ops: list[Op]) -> dict[str, list[Op]]:
