@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import varshift
 from varshift.errors import DataError, VarshiftError
@@ -71,6 +72,28 @@ def test_numbers_match_reference(seed):
     assert rep.samples == 96 and rep.batches == 6
     assert rep.layers[1].shift > 1.3  # Dropout(0.5) right before it
     assert rep.layers[0].shift == pytest.approx(1.0, abs=0.15)  # same distribution, no dropout
+
+
+class _StatelessTrainBN(nn.BatchNorm2d):
+    """A BatchNorm subclass whose train-mode forward never touches its running statistics."""
+
+    def forward(self, x):
+        if self.training:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+
+def test_norm_that_does_not_update_running_stats_is_measured_from_its_input():
+    """probe reads train-mode batch statistics from BatchNorm's scratch buffers; a norm that
+    never writes them must be measured from its input instead (same numbers)."""
+    model = P.trained_net(p=0.5)
+    custom = _StatelessTrainBN(model[5].num_features, momentum=None)
+    custom.load_state_dict(model[5].state_dict())
+    model[5] = custom
+    batches = P.chunks(P.images(64, seed=3), 16)
+    rep = probe(model, batches, seed=0)
+    assert_matches_reference(rep, model, batches, 0)
+    assert rep.layers[1].name == "5" and rep.layers[1].train_shift > 1.3
 
 
 def test_execution_order_repeated_and_unused_norms():

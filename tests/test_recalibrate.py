@@ -329,3 +329,27 @@ def test_generator_batches_are_reused_for_every_pass(chain, batches) -> None:
     fixed_list, _ = varshift.recalibrate(chain, batches, exact=True, measure=False)
     assert rep.batches == len(batches)
     assert same_state(state(fixed_gen), state(fixed_list))
+
+
+def test_population_without_measuring_streams_a_generator(chain, batches) -> None:
+    """The population estimator alone reads the data once: a generator is streamed, each batch
+    released once the next is under way, and the result equals the in-memory one."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    leaks: list[int] = []
+
+    def gen():
+        for i, (x, y) in enumerate(batches):
+            x = x.clone()
+            refs.append(weakref.ref(x))
+            gc.collect()
+            leaks.extend(j for j, r in enumerate(refs[:-3]) if r() is not None)
+            yield x, y
+
+    fixed_gen, rep = varshift.recalibrate(chain, gen(), measure=False)
+    fixed_list, _ = varshift.recalibrate(chain, batches, measure=False)
+    assert rep.batches == len(batches) and rep.samples == sum(len(x) for x, _ in batches)
+    assert not leaks, leaks
+    assert same_state(state(fixed_gen), state(fixed_list))

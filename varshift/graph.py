@@ -15,6 +15,7 @@ touched). Every module's mode is restored afterwards.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -65,12 +66,18 @@ class DataflowGraph:
     always_on: list[Op] = field(default_factory=list)
     module_types: dict[str, str] = field(default_factory=dict)
 
-    def users(self) -> dict[int, list[int]]:
+    @functools.cached_property
+    def _users(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = defaultdict(list)
         for op in self.ops:
             for i in op.inputs:
                 out[i].append(op.index)
         return out
+
+    def users(self) -> dict[int, list[int]]:
+        """Op index -> the indices of the ops its value flows into (the graph is complete
+        once built, so this is computed once)."""
+        return self._users
 
     def downstream(self, start: int, stop_at_norms: bool = False) -> list[int]:
         """Indices of the norm ops reachable from op ``start`` (not counting ``start``).
@@ -212,10 +219,13 @@ class _LeafTracer(torch.fx.Tracer):
         return is_leaf(m)
 
 
-def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
-    tracer = _LeafTracer()
-    graph = tracer.trace(model)
-    return torch.fx.GraphModule(tracer.root, graph)
+def _fx_trace(model: nn.Module, training: bool) -> tuple[nn.Module, torch.fx.Graph]:
+    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises."""
+    with preserved_modes(model):
+        model.train(training)
+        tracer = _LeafTracer()
+        graph = tracer.trace(model)
+    return tracer.root, graph
 
 
 def fx_graph_module(model: nn.Module, training: bool = True) -> torch.fx.GraphModule:
@@ -223,15 +233,13 @@ def fx_graph_module(model: nn.Module, training: bool = True) -> torch.fx.GraphMo
 
     The model's modes are restored afterwards. Raises whatever fx raises when it cannot trace.
     """
-    with preserved_modes(model):
-        model.train(training)
-        return _fx_trace(model)
+    return torch.fx.GraphModule(*_fx_trace(model, training))
 
 
-def _fx_to_dataflow(gm: torch.fx.GraphModule) -> DataflowGraph:
-    b = _Builder(gm)
+def _fx_to_dataflow(root: nn.Module, graph: torch.fx.Graph) -> DataflowGraph:
+    b = _Builder(root)
     index: dict[torch.fx.Node, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_function":
             name = kinds.function_name(node.target)
         elif node.op == "call_method":
@@ -253,7 +261,7 @@ def _fx_to_dataflow(gm: torch.fx.GraphModule) -> DataflowGraph:
         elif node.op == "get_attr":
             op = b.add(str(node.target), CONSTANT, "get_attr")
         elif node.op == "call_module":
-            op = b.add_module_call(str(node.target), gm.get_submodule(node.target), inputs)
+            op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs)
         elif node.op in ("call_function", "call_method"):
             op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs)
             if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
@@ -301,9 +309,12 @@ def _fx_owner(node: torch.fx.Node) -> str:
 
 def fx_graph(model: nn.Module) -> DataflowGraph:
     """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
-    graph = _fx_to_dataflow(fx_graph_module(model, training=True))
-    eval_graph = _fx_to_dataflow(fx_graph_module(model, training=False))
-    graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    graph = _fx_to_dataflow(*_fx_trace(model, training=True))
+    # Functional dropout that stays on at inference shows in an eval-mode trace. Only a model
+    # with functional regularizers in train mode needs it (as in the dynamic trace).
+    if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False))
+        graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
     return graph
 
 

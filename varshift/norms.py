@@ -43,15 +43,11 @@ class ScratchStats:
 
     def scratch(self) -> None:
         for name, m in self.norms.items():
-            rm, rv, nbt = self.buffers[name]
-            m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
-            m.momentum = 1.0
+            _put(m, *self.buffers[name], 1.0)
 
     def original(self) -> None:
         for name, m in self.norms.items():
-            rm, rv, nbt, momentum = self.saved[name]
-            m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
-            m.momentum = momentum
+            _put(m, *self.saved[name])
 
     restore = original
 
@@ -65,6 +61,23 @@ class ScratchStats:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def _put(m: nn.Module, running_mean, running_var, num_batches_tracked, momentum) -> None:
+    """Set a norm's statistics buffers and momentum. Straight into ``_buffers`` and
+    ``__dict__`` where they live there: ``Module.__setattr__`` is slow, and this runs for
+    every norm twice per batch."""
+    buffers = m._buffers
+    for key, value in (("running_mean", running_mean), ("running_var", running_var),
+                       ("num_batches_tracked", num_batches_tracked)):
+        if key in buffers:
+            buffers[key] = value
+        else:
+            setattr(m, key, value)
+    if "momentum" in m.__dict__:
+        m.__dict__["momentum"] = momentum
+    else:
+        m.momentum = momentum
 
 
 class StopForward(BaseException):
@@ -129,9 +142,11 @@ _UNSET = -1.0  # sentinel in a scratch running_var: variances are never negative
 class BatchStats:
     """Population moments from train-mode norms' own batch statistics (see ScratchStats).
 
-    A pre-hook marks the scratch variance with a sentinel; a post-hook merges the batch mean
-    and unbiased variance that BatchNorm left there. A norm that did not update its running
-    statistics (a custom subclass) is measured from its input instead.
+    A post-hook merges the batch mean and unbiased variance that BatchNorm left in the scratch
+    buffers. On a norm's first call a pre-hook marks the scratch variance with a sentinel, to
+    learn whether the norm updates its running statistics at all; one that does not (a custom
+    subclass) is measured from its input instead. Checking only once keeps a GPU from
+    synchronizing on every norm of every batch.
     """
 
     def __init__(self, scratch: ScratchStats, names=None) -> None:
@@ -140,11 +155,12 @@ class BatchStats:
         self.scratch = scratch
         self.names = list(scratch.norms if names is None else names)
         self.moments = {n: ChannelMoments() for n in self.names}
+        self.updates_stats: dict[str, bool] = {}
         self.active = True
 
     def _pre(self, name: str):
         def hook(module, args):
-            if self.active:
+            if self.active and name not in self.updates_stats:
                 self.scratch.batch_stats(name)[1].fill_(_UNSET)
 
         return hook
@@ -155,11 +171,14 @@ class BatchStats:
                 return
             mean, var = self.scratch.batch_stats(name)
             x = args[0]
-            if bool((var < 0).any()):
-                self.moments[name].add(x)
-            else:
+            updates = self.updates_stats.get(name)
+            if updates is None:
+                updates = self.updates_stats[name] = not bool((var < 0).any())
+            if updates:
                 n = input_count(x)
                 self.moments[name].merge(n, mean, var.double() * (n - 1))
+            else:
+                self.moments[name].add(x)
 
         return hook
 

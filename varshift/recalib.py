@@ -32,7 +32,7 @@ from .errors import DataError
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
-from .probing import Progress, forward, scan_for
+from .probing import Progress, _prepended, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
 from .stats import ChannelMoments
 
@@ -72,16 +72,22 @@ def recalibrate(
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
     check_materialized(model)
-    cal = as_batches(batches)
+    # The population estimator alone reads the data once: stream it (a generator is not
+    # materialized). Measuring and the exact estimator need several passes.
+    single_pass = not exact and not measure
+    cal = as_batches(batches, once=single_pass)
     fixed = model if inplace else copy.deepcopy(model)
     dev = torch.device(device) if device is not None else model_device(fixed)
     prepare = input_preparer(fixed, dev)
     norms = norm_modules(fixed)
 
-    first = next(iter(cal), None)
+    stream = iter(cal)
+    first = next(stream, None)
     if first is None:
         raise DataError("the calibration data yielded no batches")
     scan_report, graph = scan_for(fixed, prepare(first[0]))
+    data = _prepended(first, stream) if single_pass else cal
+    first = None
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
@@ -119,7 +125,8 @@ def recalibrate(
         if exact:
             passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
         else:
-            passes, n_batches = _population(fixed, cal, prepare, norms, targets, progress)
+            passes, n_batches = _population(fixed, data, prepare, norms, targets, progress,
+                                            getattr(cal, "n_batches", None))
 
     after_stats = after_metrics = None
     if measure:
@@ -179,7 +186,7 @@ def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
         m.num_batches_tracked.fill_(n_batches)
 
 
-def _population(model, cal, prepare, norms, targets, progress) -> tuple[int, int]:
+def _population(model, batches, prepare, norms, targets, progress, total) -> tuple[int, int]:
     n_batches = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(preserved_modes(model))
@@ -191,11 +198,11 @@ def _population(model, cal, prepare, norms, targets, progress) -> tuple[int, int
         for m in norms.values():
             m.train()
         scratch.scratch()
-        for index, (x, _) in enumerate(cal):
+        for index, (x, _) in enumerate(batches):
             forward(model, prepare(x), index)
             n_batches += 1
             if progress is not None:
-                progress(n_batches, getattr(cal, "n_batches", None))
+                progress(n_batches, total)
     with torch.no_grad():
         for name in targets:
             if stats.moments[name].mean is not None:
