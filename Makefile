@@ -43,7 +43,9 @@ test-core: $(VENV)/.installed
 test-arch: $(ARCH_VENV)/.installed
 	$(ARCH_VENV)/bin/python -m pytest -q -m arch
 
+# fvcore (PreciseBN) is only for the comparison; without it (offline) those rows are skipped.
 bench: $(ARCH_VENV)/.installed
+	-$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) fvcore
 	$(ARCH_VENV)/bin/python bench/run.py
 
 clean:
