@@ -312,6 +312,14 @@ def assert_usage_error(result: Result, *, mentions: str | None = None) -> None:
         assert mentions in result.err, result.err
 
 
+def test_swap_onnx_without_inputs_is_refused_before_writing(cli, small) -> None:
+    """swap --onnx needs inputs to check parity; it says so before writing anything."""
+    out, onnx = small["dir"] / "swapped.pt", small["dir"] / "swapped.onnx"
+    result = cli("swap", small["model"], "--output", out, "--onnx", onnx)
+    assert_usage_error(result, mentions="--input-shape")
+    assert not out.exists() and not onnx.exists()
+
+
 def test_output_equal_to_input_is_refused(cli, small) -> None:
     before = small["model"].read_bytes()
     result = cli("recalibrate", small["model"], "--data", small["data"], "--output", small["model"])

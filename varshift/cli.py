@@ -304,7 +304,7 @@ ExactOpt = Annotated[
 ]
 
 
-def _onnx(fixed, out: str | None, batches, dev):
+def _onnx(fixed, out: str | None, batches):
     if not out:
         return None
     from .export import export_onnx
@@ -354,7 +354,7 @@ def recalibrate(
     save_like(loaded, fixed, output, changed)
     rep.output, rep.source = output, model
     rep.notes[:0] = loaded.notes
-    rep.onnx = _onnx(fixed, onnx, batches, dev)
+    rep.onnx = _onnx(fixed, onnx, batches)
     _emit(rep, format, report, quiet)
     return 0 if rep.onnx is None or rep.onnx else 1
 
@@ -389,6 +389,8 @@ def swap(
                    ("--report", report))
     if eval_data and not data:
         raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
+    if onnx and not (data or shape):
+        raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
     dev = _device(device)
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches) if data else None
@@ -423,7 +425,7 @@ def swap(
         )
     if rep.graph_module or loaded.form != "module":
         rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
-    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example] if example is not None else None, dev)
+    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
     _emit(rep, format, report, quiet)
     return 0 if rep.onnx is None or rep.onnx else 1
 

@@ -302,3 +302,25 @@ def as_batches(batches: Iterable[Any], once: bool = False) -> Iterable[Batch]:
         batches = list(batches)
     n = len(batches) if hasattr(batches, "__len__") else None
     return Calibration("batches", lambda: iter(batches), n_batches=n)
+
+
+def peek(batches: Iterable[Any]) -> tuple[Batch, Iterator[Batch]]:
+    """The first batch, and an iterator over all the batches (that one included).
+
+    The iterator holds no reference to the first batch once it has passed it
+    (``itertools.chain`` would keep it alive to the end), so a stream stays a stream.
+
+    Raises:
+        DataError: there is no batch.
+    """
+    stream = iter(batches)
+    first = next(stream, None)
+    if first is None:
+        raise DataError("the calibration data yielded no batches")
+    return first, _prepended(first, stream)
+
+
+def _prepended(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    del first
+    yield from rest

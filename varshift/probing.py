@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
-from .data import as_batches
+from .data import as_batches, peek
 from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
@@ -102,12 +102,9 @@ def probe(
 
     # One pass over the data: the first batch is peeked for the scan, then chained back, so
     # a generator is streamed (not materialized) and a data callable is called once.
-    stream = iter(cal)
-    first = next(stream, None)
-    if first is None:
-        raise DataError("the calibration data yielded no batches")
+    first, stream = peek(cal)
     scan_report, _ = scan_for(model, prepare(first[0]))
-    stream, first = _prepended(first, stream), None
+    first = None
     affected = {n.name: n for n in scan_report.norms}
 
     n_batches = samples = 0
@@ -157,14 +154,6 @@ def probe(
         )
     _check_calibration(report)
     return report
-
-
-def _prepended(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    """``first`` then ``rest``, holding no reference to ``first`` once it is consumed
-    (``itertools.chain`` keeps its arguments alive to the end)."""
-    yield first
-    del first
-    yield from rest
 
 
 def _ratio_shift(a: float, b: float) -> float:

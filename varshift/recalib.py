@@ -27,12 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
-from .data import as_batches
-from .errors import DataError
+from .data import as_batches, peek
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
-from .probing import Progress, _prepended, forward, scan_for
+from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
 from .stats import ChannelMoments
 
@@ -81,13 +80,10 @@ def recalibrate(
     prepare = input_preparer(fixed, dev)
     norms = norm_modules(fixed)
 
-    stream = iter(cal)
-    first = next(stream, None)
-    if first is None:
-        raise DataError("the calibration data yielded no batches")
+    first, stream = peek(cal)
     scan_report, graph = scan_for(fixed, prepare(first[0]))
-    data = _prepended(first, stream) if single_pass else cal
-    first = None
+    data = stream if single_pass else cal
+    first = stream = None
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []

@@ -98,6 +98,27 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _remarks_text(report: Any) -> list[Text]:
+    """A report's warnings and notes, as lines for the text renderer."""
+    out = [Text(f"warning: {w}", style="yellow") for w in getattr(report, "warnings", [])]
+    return out + [Text(f"note: {n}", style="dim") for n in report.notes]
+
+
+def _remarks_md(report: Any) -> list[str]:
+    """A report's warnings and notes, as Markdown block quotes (each after a blank line)."""
+    out: list[str] = []
+    for w in getattr(report, "warnings", []):
+        out += ["", f"> **warning:** {w}"]
+    for n in report.notes:
+        out += ["", f"> note: {n}"]
+    return out
+
+
+def _status(passed: bool, ok: str, bad: str, verdict: str) -> Text:
+    """The last line: a coloured status word, then the verdict."""
+    return Text.assemble((f"{ok} ", "bold green") if passed else (f"{bad} ", "bold red"), verdict)
+
+
 @singledispatch
 def text(report: Any):
     """A Rich renderable for ``report``."""
@@ -151,8 +172,7 @@ def _(report: ScanReport):
     if quiet:
         lines = [f"  {r.name} [{r.type}(p={_fmt_p(r.p)})]: {_why_quiet(r)}" for r in quiet]
         parts.append(Text("Regularizers with no finding:\n" + "\n".join(lines)))
-    for note in report.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
+    parts += _remarks_text(report)
     parts.append(_verdict_text(bool(report), _worst(report), report.verdict))
     return Group(*parts)
 
@@ -197,8 +217,7 @@ def _(report: ScanReport) -> str:
         f"{_traced(report.traced_with)}. Predicted shifts are the paper's zero-mean estimate; "
         "`varshift probe` measures them."
     )
-    for note in report.notes:
-        out += ["", f"> note: {note}"]
+    out += _remarks_md(report)
     return "\n".join(out) + "\n"
 
 
@@ -247,10 +266,8 @@ def _(report: ParityResult):
                       _fmt_diff(c.max_rel_diff), result)
     parts.append(table)
     parts.append(Text(_export_facts(report)))
-    for note in report.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
-    label = ("PASSED ", "bold green") if report.passed else ("FAILED ", "bold red")
-    parts.append(Text.assemble(label, _export_verdict(report)))
+    parts += _remarks_text(report)
+    parts.append(_status(report.passed, "PASSED", "FAILED", _export_verdict(report)))
     return Group(*parts)
 
 
@@ -263,8 +280,7 @@ def _(report: ParityResult) -> str:
              "ok" if c.passed else (c.error or "out of tolerance")] for c in report.checks]
     out.append(_md_table(["check", "batch", "max abs diff", "max rel diff", "result"], rows))
     out += ["", _export_facts(report) + "."]
-    for note in report.notes:
-        out += ["", f"> note: {note}"]
+    out += _remarks_md(report)
     return "\n".join(out) + "\n"
 
 
@@ -342,12 +358,8 @@ def _(report: ProbeReport):
             )
         parts.append(table)
     parts.append(Text(_probe_facts(report)))
-    for warning in report.warnings:
-        parts.append(Text(f"warning: {warning}", style="yellow"))
-    for note in report.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
-    label = ("OK ", "bold green") if report else ("SHIFTED ", "bold red")
-    parts.append(Text.assemble(label, report.verdict))
+    parts += _remarks_text(report)
+    parts.append(_status(bool(report), "OK", "SHIFTED", report.verdict))
     return Group(*parts)
 
 
@@ -361,10 +373,7 @@ def _(report: ProbeReport) -> str:
                               "train var", "shift", "train/eval", "channels med/max"], rows))
         out.append("")
     out.append(_probe_facts(report) + ".")
-    for warning in report.warnings:
-        out += ["", f"> **warning:** {warning}"]
-    for note in report.notes:
-        out += ["", f"> note: {note}"]
+    out += _remarks_md(report)
     return "\n".join(out) + "\n"
 
 
@@ -430,12 +439,8 @@ def _(report: RecalibrationReport):
         parts.append(Text(line))
     if report.onnx is not None:
         parts.append(Text(f"ONNX: {_export_verdict(report.onnx)}"))
-    for warning in report.warnings:
-        parts.append(Text(f"warning: {warning}", style="yellow"))
-    for note in report.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
-    label = ("OK ", "bold green") if report else ("CHECK ", "bold red")
-    parts.append(Text.assemble(label, report.verdict))
+    parts += _remarks_text(report)
+    parts.append(_status(bool(report), "OK", "CHECK", report.verdict))
     return Group(*parts)
 
 
@@ -451,10 +456,7 @@ def _(report: RecalibrationReport) -> str:
         out += ["", line + "."]
     if report.onnx is not None:
         out += ["", f"ONNX: {_export_verdict(report.onnx)}."]
-    for warning in report.warnings:
-        out += ["", f"> **warning:** {warning}"]
-    for note in report.notes:
-        out += ["", f"> note: {note}"]
+    out += _remarks_md(report)
     return "\n".join(out) + "\n"
 
 
@@ -490,10 +492,8 @@ def _(report: SwapReport):
             parts.append(Text(line))
     if report.onnx is not None:
         parts.append(Text(f"ONNX: {_export_verdict(report.onnx)}"))
-    for note in report.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
-    label = ("OK ", "bold green") if report else ("CHECK ", "bold red")
-    parts.append(Text.assemble(label, report.verdict))
+    parts += _remarks_text(report)
+    parts.append(_status(bool(report), "OK", "CHECK", report.verdict))
     return Group(*parts)
 
 
@@ -511,6 +511,5 @@ def _(report: SwapReport) -> str:
             out += ["", line + "."]
     if report.onnx is not None:
         out += ["", f"ONNX: {_export_verdict(report.onnx)}."]
-    for note in report.notes:
-        out += ["", f"> note: {note}"]
+    out += _remarks_md(report)
     return "\n".join(out) + "\n"
