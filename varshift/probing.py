@@ -84,7 +84,7 @@ def probe(
         seed: seeds the train-mode pass (dropout masks), so it is reproducible; the caller's
             RNG state is left as it was.
         threshold: layers at or above this shift count as shifted (``bool(report)`` is False).
-        device: where to run (default: the model's device); batches are moved there.
+        device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
 
     Returns:

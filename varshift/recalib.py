@@ -63,7 +63,7 @@ def recalibrate(
             passes each); ``False`` runs only the estimator.
         threshold: ``bool(report)`` is False when a recalibrated layer's shift afterwards
             reaches it.
-        device: where to run (default: the model's device).
+        device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)``.
 
     Returns:
@@ -90,8 +90,8 @@ def recalibrate(
     always_on = [r.name for r in scan_report.regularizers if r.always_on]
     if always_on:
         notes.append(
-            f"{', '.join(always_on)} stay(s) active in eval mode and cannot be switched off; "
-            "their noise is part of the recalibrated statistics"
+            f"{', '.join(always_on)} {'stays' if len(always_on) == 1 else 'stay'} active in eval "
+            "mode and cannot be switched off; its noise is part of the recalibrated statistics"
         )
     if not targets:
         notes.append(
@@ -99,10 +99,8 @@ def recalibrate(
             "(use --all-norms to recalibrate every BatchNorm)"
         )
 
-    evaluation = eval_batches if eval_batches is not None else cal
     held_out = eval_batches is not None
-    if eval_batches is not None:
-        evaluation = as_batches(eval_batches)
+    evaluation = as_batches(eval_batches) if held_out else cal
 
     before_stats = before_metrics = None
     if measure:
