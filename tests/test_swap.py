@@ -329,3 +329,27 @@ def test_uout_noise_has_zero_mean() -> None:
 def test_uout_rejects_negative_beta(beta) -> None:
     with pytest.raises(ValueError, match="beta"):
         varshift.Uout(beta=beta)
+
+
+def test_dropout_inside_torch_layers() -> None:
+    """A TransformerEncoderLayer's dropout submodules are swapped; MultiheadAttention's
+    dropout is an argument, not a module: listed as skipped, with what to do."""
+
+    class EncThenBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            return self.bn(self.enc(x).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model, x = EncThenBN().eval(), torch.randn(3, 5, 16)
+    swapped, rep = varshift.swap(model)
+    assert {e.name for e in rep.swapped} == {"enc.dropout", "enc.dropout1", "enc.dropout2"}
+    assert [(e.name, "argument" in e.reason) for e in rep.skipped] == [("enc.self_attn:dropout", True)]
+    assert all(isinstance(getattr(swapped.enc, n), varshift.Uout)
+               for n in ("dropout", "dropout1", "dropout2"))
+    assert torch.equal(swapped.eval()(x), model(x))
+    assert not rep

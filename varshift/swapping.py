@@ -77,11 +77,15 @@ def swap(
     entries: list[SwapEntry] = []
     functional: list[RegularizerEntry] = []
     for reg in targets:
-        if reg.functional:
+        if reg.type in kinds.ATTRIBUTE_REGULARIZERS:  # e.g. nn.MultiheadAttention(dropout=p)
+            attr = kinds.ATTRIBUTE_REGULARIZERS[reg.type][0]
+            entries.append(_entry(reg, False, beta, f"dropout inside torch's {reg.type} (its "
+                                  f"`{attr}` argument): set it to 0 in the model's code"))
+        elif reg.functional:
             functional.append(reg)
-            continue
-        replace_submodule(out, reg.name, Uout(beta))
-        entries.append(_entry(reg, True, beta))
+        else:
+            replace_submodule(out, reg.name, Uout(beta))
+            entries.append(_entry(reg, True, beta))
 
     result: nn.Module = out
     if functional:
