@@ -463,24 +463,12 @@ def test_report_bool_and_fail_on() -> None:
 # --------------------------------------------------------------------------- in-place ops and known graph bugs
 
 
-class TransformerThenBN(nn.Module):
-    """torch.nn.TransformerEncoderLayer(dropout=0.1) -> BatchNorm1d (as in PatchTST)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
-        self.bn = nn.BatchNorm1d(16)
-
-    def forward(self, x):
-        return self.bn(self.enc(x).transpose(1, 2))
-
-
 @pytest.mark.parametrize("tracer", ["fx", "dynamic"])
 def test_dropout_inside_a_composite_torch_layer(tracer: str) -> None:
     """torch's composite layers stay leaves; the dropouts inside them (submodules, and
     MultiheadAttention's ``dropout`` attribute) act on the layer's output."""
     torch.manual_seed(0)
-    model, x = TransformerThenBN(), torch.randn(4, 5, 16)
+    model, x = M.TransformerThenBN(), torch.randn(4, 5, 16)
     assert runtime_affected(model, x) == {"bn"}
     graph = vgraph.fx_graph(model) if tracer == "fx" else vgraph.dynamic_graph(model, x)
     report = rules.scan_graph(graph)

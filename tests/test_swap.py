@@ -15,6 +15,7 @@ import torch.nn as nn
 import varshift
 from conftest import REPO
 from fixtures import fix_models as FM
+from fixtures import models as M
 from varshift.errors import VarshiftError
 from varshift.loading import load_model
 
@@ -335,17 +336,8 @@ def test_dropout_inside_torch_layers() -> None:
     """A TransformerEncoderLayer's dropout submodules are swapped; MultiheadAttention's
     dropout is an argument, not a module: listed as skipped, with what to do."""
 
-    class EncThenBN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
-            self.bn = nn.BatchNorm1d(16)
-
-        def forward(self, x):
-            return self.bn(self.enc(x).transpose(1, 2))
-
     torch.manual_seed(0)
-    model, x = EncThenBN().eval(), torch.randn(3, 5, 16)
+    model, x = M.TransformerThenBN().eval(), torch.randn(3, 5, 16)
     swapped, rep = varshift.swap(model)
     assert {e.name for e in rep.swapped} == {"enc.dropout", "enc.dropout1", "enc.dropout2"}
     assert [(e.name, "argument" in e.reason) for e in rep.skipped] == [("enc.self_attn:dropout", True)]
