@@ -68,9 +68,26 @@ def parent_name(qualname: str) -> tuple[str, str]:
 
 
 def replace_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    """Replace the submodule at ``qualname`` with ``new``, in place."""
+    """Replace the submodule at ``qualname`` with ``new``, in place.
+
+    ``new`` takes the ``training`` mode of the module it replaces: a fresh module is in training
+    mode, and a stochastic one (Uout) in an eval-mode model would inject noise at inference.
+    """
     parent, name = parent_name(qualname)
-    setattr(root.get_submodule(parent) if parent else root, name, new)
+    owner = root.get_submodule(parent) if parent else root
+    new.train(getattr(owner, name).training)
+    setattr(owner, name, new)
+
+
+def copy_modes(src: nn.Module, dst: nn.Module, default: bool | None = None) -> None:
+    """Give every submodule of ``dst`` the ``training`` flag of the module with the same
+    qualified name in ``src``; those ``src`` lacks keep theirs (or take ``default``)."""
+    modes = {name: m.training for name, m in src.named_modules()}
+    for name, m in dst.named_modules():
+        if name in modes:
+            m.training = modes[name]
+        elif default is not None:
+            m.training = default
 
 
 def model_device(model: nn.Module) -> torch.device:

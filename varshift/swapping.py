@@ -19,7 +19,7 @@ import torch.fx
 import torch.nn as nn
 
 from . import kinds
-from ._torch_utils import check_materialized, replace_submodule
+from ._torch_utils import check_materialized, copy_modes, replace_submodule
 from .errors import VarshiftError
 from .graph import _fx_owner, _Namer, fx_graph_module
 from .reports import SwapEntry, SwapReport
@@ -181,12 +181,22 @@ def _eval_call_names(model: nn.Module, gm: torch.fx.GraphModule) -> dict[torch.f
     return names
 
 
+def _owner_training(model: nn.Module, owner: str) -> bool:
+    """The ``training`` flag of the submodule ``owner`` (the model's when unknown)."""
+    try:
+        return model.get_submodule(owner).training if owner else model.training
+    except AttributeError:
+        return model.training
+
+
 def _rewrite_functional(
     model: nn.Module, names: set[str], beta: float
 ) -> tuple[torch.fx.GraphModule, set[str]]:
     """Trace in eval mode; swap the named functional calls for Uout submodules."""
     gm = fx_graph_module(model, training=False)
-    gm.train(model.training)
+    # The GraphModule's containers are new modules (training mode): take the model's modes, so
+    # that an eval-mode model stays in eval mode everywhere, mixed modes included.
+    copy_modes(model, gm, default=model.training)
     call_names = _eval_call_names(model, gm)
     done: set[str] = set()
     counter = 0
@@ -202,6 +212,9 @@ def _rewrite_functional(
             continue
         target = f"varshift_{'uout' if isinstance(module, Uout) else fn_name}_{counter}"
         counter += 1
+        # A call inside ``owner.forward`` acts when ``owner`` is in training mode: so does the
+        # module that replaces it.
+        module.train(_owner_training(model, _fx_owner(node)))
         gm.add_submodule(target, module)
         source = node.args[0] if node.args else node.kwargs.get("input")
         with gm.graph.inserting_after(node):
