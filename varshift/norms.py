@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -78,6 +81,33 @@ def _put(m: nn.Module, running_mean, running_var, num_batches_tracked, momentum)
         m.__dict__["momentum"] = momentum
     else:
         m.momentum = momentum
+
+
+class _PerProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A SyncBatchNorm's state with BatchNorm's per-process forward (any input rank >= 2)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@contextlib.contextmanager
+def per_process_norms(norms: dict[str, nn.Module]) -> Iterator[None]:
+    """Run ``SyncBatchNorm`` layers as plain BatchNorm in the body, restored on exit.
+
+    In training mode a SyncBatchNorm all-reduces every batch's statistics across the process
+    group (and refuses CPU tensors while a group exists). The estimators keep exact sums and
+    merge them once per pass instead: a per-batch collective would cost a round trip per norm
+    per batch and deadlock when the ranks' shards have different batch counts.
+    """
+    swapped = [m for m in norms.values() if isinstance(m, nn.SyncBatchNorm)]
+    try:
+        for m in swapped:
+            m.__class__ = _PerProcessBatchNorm
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = nn.SyncBatchNorm
 
 
 class StopForward(BaseException):

@@ -25,7 +25,7 @@ from ._torch_utils import check_materialized, fork_rng, model_device, preserved_
 from .data import as_batches, peek
 from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
-from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
+from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .reports import LayerShift, ProbeReport
 from .stats import ChannelMoments
 
@@ -74,6 +74,7 @@ def probe(
     threshold: float = 1.1,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    process_group: Any = None,
 ) -> ProbeReport:
     """Measure every norm's variance shift on ``batches``, in execution order.
 
@@ -86,6 +87,10 @@ def probe(
         threshold: layers at or above this shift count as shifted (``bool(report)`` is False).
         device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
+        process_group: run across the ranks of this torch.distributed group, each with its
+            own ``batches``: the moments are merged exactly once at the end and every rank
+            returns the same report. Default: the initialized default group, if any;
+            ``False``: this process alone.
 
     Returns:
         A :class:`ProbeReport`.
@@ -94,6 +99,14 @@ def probe(
         DataError: the data is empty, has NaN/Inf, or does not fit the model.
         VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
+    from . import distributed
+
+    d = distributed.resolve(process_group)
+    with distributed.using(d):
+        return _probe(distributed.unwrap(model), batches, seed, threshold, device, progress, d)
+
+
+def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
     check_materialized(model)
     cal = as_batches(batches, once=True)
     dev = torch.device(device) if device is not None else model_device(model)
@@ -112,6 +125,7 @@ def probe(
         stack.enter_context(preserved_modes(model))
         stack.enter_context(torch.no_grad())
         stack.enter_context(fork_rng(dev))
+        stack.enter_context(per_process_norms(norms))
         scratch = stack.enter_context(ScratchStats(norms))
         handles = stack.enter_context(removing([]))
         eval_stats = InputStats(norms).attach(handles)
@@ -132,6 +146,10 @@ def probe(
             if progress is not None:
                 progress(n_batches, getattr(cal, "n_batches", None))
 
+    if d.active:  # one exact merge across ranks, identical on every rank
+        n_batches = d.merge_stats(eval_stats, n_batches)
+        d.merge_stats(train_stats)
+        samples = d.sum_counts({"n": samples})["n"]
     layers = [
         _layer(name, norms[name], eval_stats.moments[name], train_stats.moments[name],
                affected.get(name), eval_stats.calls[name])

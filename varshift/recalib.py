@@ -30,7 +30,8 @@ from ._torch_utils import check_materialized, model_device, preserved_modes, rem
 from .data import as_batches, peek
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
-from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
+from . import distributed
+from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
 from .stats import ChannelMoments
@@ -48,6 +49,7 @@ def recalibrate(
     threshold: float = 1.1,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    process_group: Any = None,
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
 
@@ -65,11 +67,24 @@ def recalibrate(
             reaches it.
         device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)``.
+        process_group: run across the ranks of this torch.distributed group, each with its
+            own ``batches`` (and ``eval_batches``): statistics and metrics are merged exactly
+            once per pass, and every rank ends with bit-identical buffers and the same report.
+            Default: the initialized default group, if any; ``False``: this process alone.
+            A ``DistributedDataParallel`` wrapper is unwrapped (its module is fixed).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
+    d = distributed.resolve(process_group)
+    with distributed.using(d):
+        return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
+                            eval_batches, measure, threshold, device, progress)
+
+
+def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measure, threshold,
+                 device, progress) -> tuple[nn.Module, RecalibrationReport]:
     check_materialized(model)
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
@@ -116,11 +131,12 @@ def recalibrate(
     passes = 0
     n_batches = 0
     if targets:
-        if exact:
-            passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
-        else:
-            passes, n_batches = _population(fixed, data, prepare, norms, targets, progress,
-                                            getattr(cal, "n_batches", None))
+        with per_process_norms(norms):
+            if exact:
+                passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
+            else:
+                passes, n_batches = _population(fixed, data, prepare, norms, targets, progress,
+                                                getattr(cal, "n_batches", None))
 
     after_stats = after_metrics = None
     if measure:
@@ -160,7 +176,7 @@ def recalibrate(
         after=after_metrics,
         passes=passes,
         batches=n_batches,
-        samples=getattr(cal, "samples", None) or 0,
+        samples=distributed.current().sum_counts({"n": getattr(cal, "samples", None) or 0})["n"],
         threshold=threshold,
         notes=notes,
         data=getattr(cal, "source", None),
@@ -197,11 +213,13 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
             n_batches += 1
             if progress is not None:
                 progress(n_batches, total)
+    n_batches = distributed.current().merge_stats(stats, n_batches)
     with torch.no_grad():
         for name in targets:
             if stats.moments[name].mean is not None:
                 _write(norms[name], stats.moments[name], n_batches)
     return 1, n_batches
+
 
 
 def dependency_levels(scan_graph_norms: dict[str, set[str]], targets: list[str]) -> list[list[str]]:
@@ -276,6 +294,16 @@ class _CallCounter:
         return dict(self.rows[0])
 
 
+def _same_everywhere(per_forward: dict[str, int] | None) -> dict[str, int] | None:
+    """The calls per forward when every rank saw the same counts, else None (no early stop):
+    the ranks must make the same passes."""
+    d = distributed.current()
+    if not d.active:
+        return per_forward
+    everyone = d.exchange(per_forward)
+    return per_forward if all(p == everyone[0] for p in everyone) else None
+
+
 def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
     levels = dependency_levels(_norm_reach(graph), targets)
     total = getattr(cal, "n_batches", None)
@@ -305,7 +333,8 @@ def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, i
                         progress(k * (total or 0) + n_batches,
                                  None if total is None else total * len(levels))
                 if counter is not None:
-                    per_forward = counter.constant()
+                    per_forward = _same_everywhere(counter.constant())
+            n_batches = distributed.current().merge_stats(stats, n_batches)
             for name in level:
                 if stats.moments[name].mean is not None:
                     _write(norms[name], stats.moments[name], n_batches)
@@ -360,6 +389,10 @@ class _MetricSums:
         self.n += y.shape[0]
 
     def result(self, held_out: bool) -> Metrics | None:
+        d = distributed.current()
+        if d.active:  # sum over ranks; unusable anywhere is unusable everywhere
+            usable, correct, nll, n = d.sum_floats([not self.usable, self.correct, self.nll, self.n])
+            self.usable, self.correct, self.nll, self.n = not usable, int(correct), nll, int(n)
         if not self.usable or self.n == 0:
             return None
         return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
@@ -376,6 +409,7 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
         model.eval()
         for index, (x, y) in enumerate(cal):
             sums.add(forward(model, prepare(x), index), y)
+    distributed.current().merge_stats(stats)
     return stats, sums.result(held_out=False)
 
 
