@@ -45,7 +45,10 @@ def join(rank: int, world: int, store: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
 
 
-def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int = -1) -> None:
+def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int = -1,
+        wrap: str = "") -> None:
+    """``what``: probe, population or exact. ``wrap``: "ddp" (a DistributedDataParallel
+    wrapper) or "sync" (SyncBatchNorm layers; DDP refuses those on CPU)."""
     import varshift
     from varshift.distributed import shard, resolve
 
@@ -56,6 +59,12 @@ def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int =
         if rank == fail_rank:
             mine[-1] = (torch.full_like(mine[-1][0], float("nan")), mine[-1][1])
         net = model()
+        if wrap == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(net)
+        elif wrap == "sync":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         result: dict = {}
         try:
             if what == "probe":
@@ -66,6 +75,7 @@ def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int =
                 result["report"] = rep.to_dict()
                 result["state"] = {k: v for k, v in fixed.state_dict().items()
                                    if "running" in k or "num_batches" in k}
+                result["types"] = sorted({type(m).__name__ for m in fixed.modules()})
         except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
             result["error"] = (type(exc).__name__, str(exc))
         torch.save(result, Path(out) / f"rank{rank}.pt")

@@ -19,10 +19,11 @@ import dist_helpers as H
 pytestmark = pytest.mark.slow
 
 
-def spawn(tmp_path: Path, world: int, what: str, fail_rank: int = -1) -> list[dict]:
+def spawn(tmp_path: Path, world: int, what: str, fail_rank: int = -1,
+          wrap: str = "") -> list[dict]:
     store = tmp_path / "store"
-    mp.spawn(H.run, args=(world, str(store), str(tmp_path), what, fail_rank), nprocs=world,
-             join=True)
+    mp.spawn(H.run, args=(world, str(store), str(tmp_path), what, fail_rank, wrap),
+             nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -74,3 +75,19 @@ def test_recalibrate_equals_one_process(tmp_path: Path, world: int, what: str) -
     assert doc["samples"] == sum(H.SIZES) and doc["batches"] == len(H.SIZES)
     if what == "exact":
         assert all(abs(l["shift_after"] - 1) < 1e-3 for l in doc["layers"] if l["recalibrated"])
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "sync"])
+def test_inside_a_users_ddp_job(tmp_path: Path, wrap: str) -> None:
+    """A DistributedDataParallel wrapper is unwrapped; SyncBatchNorm layers run per process
+    during the pass (no per-batch all-reduce, CPU tensors allowed) and stay SyncBatchNorm.
+    Either way the result equals one process with plain BatchNorm."""
+    ranks = spawn(tmp_path, 2, "population", wrap=wrap)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    assert "DistributedDataParallel" not in ranks[0]["types"]
+    assert ("SyncBatchNorm" in ranks[0]["types"]) == (wrap == "sync")
+    fixed, _ = varshift.recalibrate(H.model(), H.batches())
+    for key, value in fixed.state_dict().items():
+        if "running" in key:
+            assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])
+            torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-6, atol=1e-9)
