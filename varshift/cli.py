@@ -108,12 +108,6 @@ class ModelOptions:
         return {"arch": self.arch, "arch_args": self.arch_args, "trust": self.trust}
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
-
-
 @dataclass
 class DataOptions:
     """How to read DATA and where to run (commands that read calibration data)."""
@@ -125,15 +119,16 @@ class DataOptions:
         Optional[int], typer.Option("--max-batches", metavar="N", help="Use at most N batches.")
     ] = None
     device: Annotated[
-        Optional[Device],
-        typer.Option("--device", help="Where to run: cpu, cuda, or auto (default: auto).",
+        Optional[str],
+        typer.Option("--device", metavar="cpu|cuda|cuda:K|auto",
+                     help="Where to run (default: auto; under torchrun cuda is cuda:LOCAL_RANK).",
                      show_default=False),
     ] = None
 
     def kwargs(self, device: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"batch_size": self.batch_size, "max_batches": self.max_batches}
         if device:
-            out["device"] = (self.device or Device.auto).value
+            out["device"] = self.device or "auto"
         return out
 
 
@@ -223,6 +218,11 @@ FailAboveOpt = Annotated[
 ExampleSeedOpt = Annotated[
     int, typer.Option("--seed", metavar="N", help="Seeds the random example input of --input-shape.")
 ]
+BackendOpt = Annotated[
+    Optional[str],
+    typer.Option("--backend", metavar="NAME",
+                 help="torch.distributed backend under torchrun (default: nccl on CUDA, else gloo)."),
+]
 # Kept so that old command lines still run; it never did anything there.
 DeprecatedSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
@@ -234,8 +234,11 @@ def _warn(message: str) -> None:
 def _emit(rep: Any, out: OutputOptions) -> int:
     """Render ``rep`` (stdout, and --report); the exit code: 0 when ``bool(rep)``, else 1."""
     from ._io import write_text_atomic
+    from .distributed import env_rank
     from .render import format_for_path, make_console, render_to_string, text
 
+    if env_rank() != 0:  # under torchrun, rank 0 speaks for all (every rank has the report)
+        return 0 if rep else 1
     if out.report:
         write_text_atomic(out.report, render_to_string(rep, format_for_path(out.report, out.format.value)))
     if not out.quiet:
@@ -301,6 +304,7 @@ def probe(
     data: DataOpt,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seeds the train-mode pass (dropout masks).")] = 0,
     fail_above: FailAboveOpt = 1.1,
+    backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
     data_opts: DataOptions = DataOptions(),
     out: OutputOptions = OutputOptions(),
@@ -310,7 +314,8 @@ def probe(
 
     with _Progress("probing", out.quiet) as progress:
         rep = probe_file(model, data, seed=seed, fail_above=fail_above, report=out.report,
-                         progress=progress, **model_opts.kwargs(), **data_opts.kwargs())
+                         progress=progress, backend=backend, **model_opts.kwargs(),
+                         **data_opts.kwargs())
     return _emit(rep, out)
 
 
@@ -336,6 +341,7 @@ def recalibrate(
                      help="Exit 1 when accuracy falls by more than PCT percentage points."),
     ] = None,
     seed: DeprecatedSeedOpt = None,
+    backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
     data_opts: DataOptions = DataOptions(),
     out: OutputOptions = OutputOptions(),
@@ -349,7 +355,7 @@ def recalibrate(
         rep = recalibrate_file(
             model, data, output, exact=exact, all_norms=all_norms, eval_data=eval_data, onnx=onnx,
             fail_above=fail_above, max_accuracy_drop=max_accuracy_drop, report=out.report,
-            progress=progress, **model_opts.kwargs(), **data_opts.kwargs(),
+            progress=progress, backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
         )
     return _emit(rep, out)
 
@@ -368,6 +374,7 @@ def swap(
     onnx: OnnxOpt = None,
     input_shape: InputShapeOpt = None,
     seed: ExampleSeedOpt = 0,
+    backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
     data_opts: DataOptions = DataOptions(),
     out: OutputOptions = OutputOptions(),
@@ -379,7 +386,7 @@ def swap(
         rep = swap_file(
             model, output, to=to, beta=beta, data=data, exact=exact, eval_data=eval_data,
             onnx=onnx, input_shape=input_shape, seed=seed, report=out.report, progress=progress,
-            **model_opts.kwargs(), **data_opts.kwargs(),
+            backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
         )
     return _emit(rep, out)
 
@@ -415,41 +422,53 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code (for tests and ``run``)."""
+    """Run the CLI and return the exit code (for tests and ``run``).
+
+    Under torchrun every rank runs this; the ranks agree on one exit code and one error line
+    (the lowest failing rank's), which rank 0 prints.
+    """
+    code, line = _outcome(argv)
+    dist = sys.modules.get("varshift.distributed")  # imported only if a command got that far
+    d = dist.session() if dist is not None else None
+    if d is not None:
+        code, line = d.finish(code, line)
+        dist.shutdown()
+        if d.rank != 0:
+            return code
+    if line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run the command: its exit code and the one line for stderr (None when silent)."""
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
     except VarshiftError as exc:
-        print(f"varshift: error: {exc}", file=sys.stderr)
-        return 2
+        return 2, f"varshift: error: {exc}"
     except KeyboardInterrupt:
-        print("varshift: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 130, "varshift: interrupted; no output was written"
     except typer.Abort:
-        print("varshift: aborted", file=sys.stderr)
-        return 130
+        return 130, "varshift: aborted"
     except typer.Exit as exc:
         rv = int(getattr(exc, "exit_code", 0) or 0)
     except _click.ClickException as exc:
         if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # bare `varshift`: help
-            print(exc.format_message(), file=sys.stderr)
-            return int(exc.exit_code)
+            return int(exc.exit_code), exc.format_message()
         # usage errors (unknown option, bad choice, missing argument): one line
-        print(f"varshift: error: {exc.format_message()}", file=sys.stderr)
-        return int(exc.exit_code)
+        return int(exc.exit_code), f"varshift: error: {exc.format_message()}"
     except Exception as exc:
         traceback.print_exc()
-        print(
+        return 3, (
             f"varshift: internal error ({type(exc).__name__}); this is a bug in varshift "
-            f"{__version__}, please report it with the traceback above",
-            file=sys.stderr,
+            f"{__version__}, please report it with the traceback above"
         )
-        return 3
     if rv == 130:
         # typer turns Ctrl-C into exit code 130 (no command of ours returns it); say so.
         # Outputs are written atomically, so nothing partial was left behind.
-        print("varshift: interrupted; no output was written", file=sys.stderr)
-    return rv if isinstance(rv, int) else 0
+        return 130, "varshift: interrupted; no output was written"
+    return (rv if isinstance(rv, int) else 0), None
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ batches (tensors, ``(inputs, labels)`` pairs or dicts).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class Calibration:
     samples: int | None = None
     n_batches: int | None = None  # known up front for in-memory data
     notes: list[str] = field(default_factory=list)
+    #: The source shards itself: a data callable that takes ``rank`` and ``world_size``.
+    rank_aware: bool = False
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
@@ -200,9 +203,11 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     except Exception as exc:  # ArchError's message talks about --arch: reword for --data
         raise DataError(str(exc).replace("--arch", "--data"))
 
+    shard_kwargs = _shard_kwargs(fn)
+
     def make() -> Iterator[Any]:
         try:
-            result = fn()
+            result = fn(**shard_kwargs)
         except VarshiftError:
             raise
         except Exception as exc:  # the user's code failed: bad input, not a varshift bug
@@ -222,7 +227,26 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
             ) from None
         return _guarded(batches, spec)
 
-    return Calibration(spec, make, max_batches)
+    return Calibration(spec, make, max_batches, rank_aware=bool(shard_kwargs))
+
+
+def _shard_kwargs(fn: Callable[..., Any]) -> dict[str, int]:
+    """``{"rank": r, "world_size": n}`` when running under torchrun and ``fn`` takes both as
+    keyword arguments (it then returns this rank's share of the batches), else ``{}``."""
+    from .distributed import env_world
+
+    where = env_world()
+    if where is None:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if all(name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    inspect.Parameter.KEYWORD_ONLY)
+           for name in ("rank", "world_size")):
+        return {"rank": where[0], "world_size": where[1]}
+    return {}
 
 
 def _short(exc: BaseException) -> str:

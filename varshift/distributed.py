@@ -59,7 +59,7 @@ class Dist:
     world: int = 1
     group: Any = None
     bytes_sent: int = 0
-    #: This rank's failure was already sent; ``closed``: in the others' final collective.
+    #: ``announced``: this rank's failure was sent; ``closed``: the last collective is over.
     announced: bool = field(default=False, repr=False)
     closed: bool = field(default=False, repr=False)
 
@@ -73,49 +73,66 @@ class Dist:
 
     # ------------------------------------------------------------------ the one collective
 
-    def exchange(self, payload: Any, tag: str = _OK) -> list[Any]:
-        """Send ``payload`` to every rank and return all ranks' payloads in rank order.
+    def _gather(self, tag: str, body: Any) -> list[tuple[str, Any]]:
+        """One all-gather of ``(tag, body)``; every rank gets the same list, in rank order.
 
-        Raises:
-            RemoteError: another rank sent an error instead (every rank raises the same one:
-                the lowest failing rank's).
+        A collective in which any rank is in :meth:`finish` is the last one for every rank
+        (``closed``): that rank will not come back for another.
         """
-        if not self.active:
-            return [payload]
         import pickle
 
         import torch.distributed as dist
 
-        self.bytes_sent += len(pickle.dumps((tag, payload), protocol=pickle.HIGHEST_PROTOCOL))
+        item = (tag, body)
+        self.bytes_sent += len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
         gathered: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(gathered, (tag, payload), group=self.group)
+            dist.all_gather_object(gathered, item, group=self.group)
         except Exception as exc:  # a rank died, or the timeout passed
+            self.closed = True
             raise VarshiftError(
                 f"rank {self.rank}: lost contact with the other ranks ({_first_line(exc)})"
             ) from exc
-        for rank, (their_tag, body) in enumerate(gathered):
-            if their_tag == _ERROR:
-                message, code = body
-                raise RemoteError(message, rank, code)
-        return [body for _, body in gathered]
+        if any(t == _FINAL for t, _ in gathered):
+            self.closed = True
+        return gathered
 
-    def fail(self, message: str, code: int = 2) -> bool:
-        """Tell the other ranks this one failed, in the collective they are in.
+    @staticmethod
+    def _failure(gathered: list[tuple[str, Any]]) -> tuple[int, int, str] | None:
+        """The lowest rank's ``(rank, code, message)`` among those that failed; a collective
+        that mixes finished and computing ranks without an error is a failure too."""
+        for rank, (tag, body) in enumerate(gathered):
+            if tag in (_ERROR, _FINAL) and body[1] is not None:
+                return rank, body[0], body[1]
+        tags = {t for t, _ in gathered}
+        if _FINAL in tags and _OK in tags:
+            rank = next(r for r, (t, _) in enumerate(gathered) if t == _FINAL)
+            return rank, 2, (f"rank {rank} finished while other ranks were still computing "
+                             "(the ranks ran different passes: give every rank the same model "
+                             "and options)")
+        return None
 
-        Returns True when every other rank was already in :meth:`finish` (so that collective
-        *was* the final one), False when the caller still has to call :meth:`finish`.
+    def exchange(self, payload: Any) -> list[Any]:
+        """Send ``payload`` to every rank and return all ranks' payloads in rank order.
+
+        Raises:
+            RemoteError: another rank failed (every rank raises the same one: the lowest
+                failing rank's code and message).
         """
         if not self.active:
-            return True
-        import torch.distributed as dist
+            return [payload]
+        gathered = self._gather(_OK, payload)
+        failure = self._failure(gathered)
+        if failure is not None:
+            rank, code, message = failure
+            raise RemoteError(message, rank, code)
+        return [body for _, body in gathered]
 
-        gathered: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(gathered, (_ERROR, (message, code)), group=self.group)
-        except Exception:
-            return True  # nobody left to tell
-        return all(tag == _FINAL for r, (tag, _) in enumerate(gathered) if r != self.rank)
+    def fail(self, message: str, code: int = 2) -> None:
+        """Tell the other ranks this one failed, in whatever collective they are in: they
+        raise :class:`RemoteError` with this message (or this rank meets their finish)."""
+        if self.active and not self.closed:
+            self._gather(_ERROR, (code, message))
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -127,26 +144,28 @@ class Dist:
             if self.active and not self.announced and not isinstance(exc, RemoteError):
                 self.announced = True
                 code, message = outcome(exc, self.rank)
-                self.closed = self.fail(message, code)
+                with contextlib.suppress(VarshiftError):
+                    self.fail(message, code)
             raise
 
     def finish(self, code: int, message: str | None = None) -> tuple[int, str | None]:
-        """Agree on the outcome: every rank gets the lowest failing rank's (code, message),
-        or the highest exit code when none failed (1 from one rank's threshold fails all)."""
-        if not self.active or self.closed:
-            return code, message
-        import torch.distributed as dist
+        """Agree on the outcome; call once at the end, on every rank, also after an error.
 
-        gathered: list[Any] = [None] * self.world
+        Returns the lowest failing rank's ``(code, message)`` on every rank, or, when none
+        failed, the highest exit code (one rank's threshold fails them all) and None.
+        """
+        if not self.active:
+            return code, message
+        if self.closed:  # the last collective already included a finished rank
+            return code, message
         try:
-            dist.all_gather_object(gathered, (_FINAL, (code, message)), group=self.group)
-        except Exception as exc:
-            return 2, f"rank {self.rank}: lost contact with the other ranks ({_first_line(exc)})"
-        outcomes = [body for _, body in gathered]
-        errors = [(c, m) for c, m in outcomes if m is not None]
-        if errors:
-            return errors[0]
-        return max(c for c, _ in outcomes), None
+            gathered = self._gather(_FINAL, (code, message))
+        except VarshiftError as exc:
+            return 2, str(exc)
+        failure = self._failure(gathered)
+        if failure is not None:
+            return failure[1], failure[2]
+        return max(body[0] for _, body in gathered), None
 
     # ------------------------------------------------------------------ merges
 
@@ -311,12 +330,46 @@ def timeout_seconds() -> float:
     return value
 
 
-def init_from_env(backend: str | None, device_type: str) -> Dist:
-    """Initialize the default process group from torchrun's environment (once).
+_SESSION: Dist | None = None
 
-    ``backend`` defaults to NCCL for CUDA and gloo otherwise. Returns one-process ``Dist()``
-    when not launched by torchrun (``WORLD_SIZE`` unset or 1).
+BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
+
+
+def session() -> Dist | None:
+    """The :class:`Dist` of the process group :func:`join` started (None before)."""
+    return _SESSION
+
+
+def env_rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it)."""
+    where = env_world()
+    return 0 if where is None else where[0]
+
+
+def join(device: torch.device, backend: str | None = None) -> tuple[Dist, torch.device]:
+    """Under torchrun, start (once) the default process group and pick this rank's device.
+
+    ``backend`` defaults to NCCL for CUDA and gloo otherwise. A CUDA device without an index
+    becomes ``cuda:LOCAL_RANK``. Outside torchrun (``WORLD_SIZE`` unset or 1): ``Dist()``
+    and ``device`` unchanged.
+
+    Raises:
+        VarshiftError: a bad backend, or the group could not start.
     """
+    global _SESSION
+    if backend is not None and backend not in BACKENDS:
+        raise VarshiftError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    where = env_world()
+    if where is None:
+        return Dist(), device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", where[2])
+    _SESSION = init_from_env(backend, device)
+    return _SESSION, device
+
+
+def init_from_env(backend: str | None, device: torch.device) -> Dist:
+    """Initialize the default process group from torchrun's environment (once)."""
     import torch.distributed as dist
 
     where = env_world()
@@ -326,9 +379,9 @@ def init_from_env(backend: str | None, device_type: str) -> Dist:
     if not dist.is_available():
         raise VarshiftError("this torch build has no torch.distributed; run in one process")
     if not dist.is_initialized():
-        chosen = backend or ("nccl" if device_type == "cuda" else "gloo")
-        if device_type == "cuda":
-            torch.cuda.set_device(local)
+        chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         try:
             dist.init_process_group(
                 backend=chosen, timeout=datetime.timedelta(seconds=timeout_seconds())
@@ -342,11 +395,15 @@ def init_from_env(backend: str | None, device_type: str) -> Dist:
 
 
 def shutdown() -> None:
-    """Destroy the default process group if this process created one."""
+    """Destroy the process group :func:`join` started, if any."""
+    global _SESSION
+    if _SESSION is None:
+        return
+    _SESSION = None
     try:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
@@ -365,18 +422,44 @@ def shard(batches: Iterable[Any], d: Dist) -> Iterator[Any]:
             yield batch
 
 
-class Shard:
-    """A re-iterable view of every ``world``-th batch of ``source`` (starting at ``rank``).
+def shard_data(cal: Any, d: Dist) -> Any:
+    """This rank's share of a :class:`~varshift.data.Calibration`.
 
-    Keeps ``source``'s ``n_batches``/``samples``/``source`` attributes, adjusted to the shard.
+    File data (and any source that does not shard itself) is split by batch index after
+    ``max_batches``: rank r takes batches r, r + N, ... A data callable that takes ``rank``
+    and ``world_size`` already returned this rank's share and passes through.
+
+    Raises:
+        DataError: fewer batches than ranks (a rank would have nothing to measure).
     """
+    if not d.active or getattr(cal, "rank_aware", False):
+        return cal
+    import itertools
 
-    def __init__(self, source: Any, d: Dist) -> None:
-        self.source_batches = source
-        self.dist = d
-        total = getattr(source, "n_batches", None)
-        self.n_batches = None if total is None else len(range(d.rank, total, d.world))
-        self.source = getattr(source, "source", None)
+    from .data import Calibration
+    from .errors import DataError
 
-    def __iter__(self) -> Iterator[Any]:
-        return shard(self.source_batches, self.dist)
+    total = cal.n_batches
+    if total is not None and cal.max_batches is not None:
+        total = min(total, cal.max_batches)
+    if total is not None and total < d.world:
+        raise DataError(
+            f"{cal.source} has {total} batch(es) for {d.world} ranks: every rank needs at "
+            "least one; use a smaller --batch-size or fewer processes"
+        )
+    return Calibration(
+        cal.source,
+        lambda: shard(itertools.islice(cal.make_iter(), cal.max_batches), d),
+        n_batches=None if total is None else len(range(d.rank, total, d.world)),
+    )
+
+
+def sharding_note(cal: Any, d: Dist) -> str | None:
+    """How the ranks split the data, for the report (None in one process)."""
+    if not d.active:
+        return None
+    if getattr(cal, "rank_aware", False):
+        return (f"{d.world} ranks; each rank's batches came from the data callable, called "
+                "with its rank and world_size")
+    return (f"{d.world} ranks; rank r measured batches r, r+{d.world}, ... of the data; "
+            "statistics merged exactly across ranks")

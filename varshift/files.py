@@ -94,7 +94,10 @@ def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None
     """Before any work: every output path is writable, is none of the input files (model,
     data), and no two outputs are the same file."""
     from ._io import check_output_path
+    from .distributed import env_rank
 
+    if env_rank() != 0:  # under torchrun only rank 0 writes (its node may be the only one
+        return           # that has the output folder)
     seen: dict[str, str] = {}
     for what, path in outputs:
         if path:
@@ -117,6 +120,30 @@ def _data(spec: PathLike, batch_size: int, max_batches: int | None):
     from .data import load_data
 
     return load_data(spec, batch_size=batch_size, max_batches=max_batches)
+
+
+def _start(device: "str | torch.device | None", backend: str | None):
+    """``(device, Dist)``: under torchrun, the process group is started first (so that a
+    failure on one rank reaches every rank) and CUDA means ``cuda:LOCAL_RANK`` (see
+    :func:`varshift.distributed.join`); otherwise one process, ``device`` as resolved."""
+    from .distributed import join
+
+    d, dev = join(resolve_device(device), backend)
+    return dev, d
+
+
+def _shard(cal, d):
+    from .distributed import shard_data
+
+    return None if cal is None else shard_data(cal, d)
+
+
+def _note_sharding(rep, cal, d) -> None:
+    from .distributed import sharding_note
+
+    note = sharding_note(cal, d)
+    if note:
+        rep.notes.append(note)
 
 
 def _onnx(module, out: PathLike | None, batches) -> "ParityResult | None":
@@ -179,6 +206,7 @@ def probe_file(
     fail_above: float = DEFAULT_THRESHOLD,
     report: PathLike | None = None,
     progress: Progress | None = None,
+    backend: str | None = None,
 ) -> "ProbeReport":
     """Load ``model`` and ``data`` and measure every BatchNorm's shift (``varshift probe``).
 
@@ -187,18 +215,21 @@ def probe_file(
         fail_above: ``bool(report)`` is False when a layer's shift reaches it (default 1.1;
             ``float("inf")``: never).
         report: only checked here (see :func:`scan_file`).
+        backend: the torch.distributed backend under torchrun (default: NCCL for CUDA, else
+            gloo); each rank then measures its shard and every rank returns the merged report.
     """
     check_threshold(fail_above)
+    dev, d = _start(device, backend)
     _check_outputs((model, data), ("--report", report))
-    dev = resolve_device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
+    batches = _shard(_data(data, batch_size, max_batches), d)
     from .probing import probe
 
     rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
                 threshold=fail_above)
     rep.source = str(model)
     rep.notes[:0] = loaded.notes
+    _note_sharding(rep, batches, d)
     return rep
 
 
@@ -221,6 +252,7 @@ def recalibrate_file(
     max_accuracy_drop: float | None = None,
     report: PathLike | None = None,
     progress: Progress | None = None,
+    backend: str | None = None,
 ) -> "RecalibrationReport":
     """Recalibrate the model in file ``model`` on ``data`` and write it to ``output`` in the
     input's own form (``varshift recalibrate``).
@@ -239,16 +271,18 @@ def recalibrate_file(
         max_accuracy_drop: ``bool(report)`` is False when accuracy falls by more than this
             many percentage points (default None: no guard).
         report: only checked here (see :func:`scan_file`).
+        backend: under torchrun (see :func:`probe_file`); only rank 0 writes ``output`` and
+            ``onnx``, and every rank holds the same statistics.
     """
     check_threshold(fail_above)
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
+    dev, d = _start(device, backend)
     _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
-    dev = resolve_device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
-    held_out = _data(eval_data, batch_size, None) if eval_data else None
+    batches = _shard(_data(data, batch_size, max_batches), d)
+    held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
     from .recalib import recalibrate
     from .saving import norm_buffer_keys, save_like
 
@@ -258,11 +292,14 @@ def recalibrate_file(
     )
     rep.max_accuracy_drop = max_accuracy_drop
     fixed = fixed.cpu()
-    changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
-    save_like(loaded, fixed, output, changed)
-    rep.output, rep.source = str(output), str(model)
+    rep.source = str(model)
     rep.notes[:0] = loaded.notes
-    rep.onnx = _onnx(fixed, onnx, batches)
+    _note_sharding(rep, batches, d)
+    if d.is_main:
+        changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
+        save_like(loaded, fixed, output, changed)
+        rep.output = str(output)
+        rep.onnx = _onnx(fixed, onnx, batches)
     return rep
 
 
@@ -286,6 +323,7 @@ def swap_file(
     device: "str | torch.device | None" = "auto",
     report: PathLike | None = None,
     progress: Progress | None = None,
+    backend: str | None = None,
 ) -> "SwapReport":
     """Swap the regularizers that reach a BatchNorm for Uout in file ``model`` and write the
     whole swapped module to ``output`` (``varshift swap``).
@@ -300,18 +338,19 @@ def swap_file(
         input_shape: an example input shape for tracing (and for the ONNX check).
         seed: seeds the random example input built from ``input_shape`` (default 0).
         report: only checked here (see :func:`scan_file`).
+        backend: under torchrun (see :func:`recalibrate_file`).
     """
     shape = parse_shape(input_shape)
+    dev, d = _start(device, backend)
     _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     if eval_data and not data:
         raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
     if onnx and not (data or shape):
         raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
-    dev = resolve_device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
-    held_out = _data(eval_data, batch_size, None) if eval_data else None
+    batches = _shard(_data(data, batch_size, max_batches) if data else None, d)
+    held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
     from ._io import write_with
     from .inputs import example_input
     from .swapping import swap
@@ -330,9 +369,13 @@ def swap_file(
         swapped = swapped.cpu()
     import torch
 
-    write_with(output, lambda tmp: torch.save(swapped, tmp))
-    rep.output, rep.source = str(output), str(model)
+    if d.is_main:
+        write_with(output, lambda tmp: torch.save(swapped, tmp))
+        rep.output = str(output)
+    rep.source = str(model)
     rep.notes[:0] = loaded.notes
+    if batches is not None:
+        _note_sharding(rep, batches, d)
     if loaded.form != "module":
         rep.notes.append(
             f"{model} is a checkpoint, which cannot carry new layers: the output is a whole "
@@ -341,7 +384,8 @@ def swap_file(
         )
     if rep.graph_module or loaded.form != "module":
         rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
-    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
+    if d.is_main:
+        rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
     return rep
 
 
