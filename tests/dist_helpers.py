@@ -46,16 +46,17 @@ def join(rank: int, world: int, store: str) -> None:
 
 
 def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int = -1,
-        wrap: str = "") -> None:
+        wrap: str = "", repeat: int = 1) -> None:
     """``what``: probe, population or exact. ``wrap``: "ddp" (a DistributedDataParallel
-    wrapper) or "sync" (SyncBatchNorm layers; DDP refuses those on CPU)."""
+    wrapper) or "sync" (SyncBatchNorm layers; DDP refuses those on CPU). ``repeat``: use the
+    batches that many times over (to count collectives against the number of batches)."""
     import varshift
-    from varshift.distributed import shard, resolve
+    from varshift.distributed import TRAFFIC, resolve, shard
 
     torch.set_num_threads(1)
     join(rank, world, store)
     try:
-        mine = list(shard(batches(), resolve()))
+        mine = list(shard(batches() * repeat, resolve()))
         if rank == fail_rank:
             mine[-1] = (torch.full_like(mine[-1][0], float("nan")), mine[-1][1])
         net = model()
@@ -78,6 +79,7 @@ def run(rank: int, world: int, store: str, out: str, what: str, fail_rank: int =
                 result["types"] = sorted({type(m).__name__ for m in fixed.modules()})
         except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
             result["error"] = (type(exc).__name__, str(exc))
+        result["traffic"] = dict(TRAFFIC)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

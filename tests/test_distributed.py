@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def spawn(tmp_path: Path, world: int, what: str, fail_rank: int = -1,
-          wrap: str = "") -> list[dict]:
+          wrap: str = "", repeat: int = 1) -> list[dict]:
     store = tmp_path / "store"
-    mp.spawn(H.run, args=(world, str(store), str(tmp_path), what, fail_rank, wrap),
+    mp.spawn(H.run, args=(world, str(store), str(tmp_path), what, fail_rank, wrap, repeat),
              nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -91,3 +91,15 @@ def test_inside_a_users_ddp_job(tmp_path: Path, wrap: str) -> None:
         if "running" in key:
             assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])
             torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("what", ["probe", "population"])
+def test_communication_does_not_grow_with_the_batches(tmp_path: Path, what: str) -> None:
+    """Merges happen once per pass: three times the batches, the same collectives and the
+    same bytes (O(channels) per norm)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    once = spawn(tmp_path / "a", 2, what)[0]["traffic"]
+    thrice = spawn(tmp_path / "b", 2, what, repeat=3)[0]["traffic"]
+    assert once["collectives"] == thrice["collectives"] > 0
+    assert abs(once["bytes_sent"] - thrice["bytes_sent"]) < 64  # pickled integers may grow

@@ -33,6 +33,10 @@ DEFAULT_TIMEOUT = 1800.0
 
 _OK, _ERROR, _FINAL = "ok", "error", "final"
 
+#: What this process sent in collectives so far (for benchmarks and tests): the number of
+#: all-gathers and the bytes of this rank's pickled payloads.
+TRAFFIC = {"collectives": 0, "bytes_sent": 0}
+
 
 class RemoteError(VarshiftError):
     """Another rank failed; the message is that rank's own one-line error.
@@ -84,7 +88,10 @@ class Dist:
         import torch.distributed as dist
 
         item = (tag, body)
-        self.bytes_sent += len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+        size = len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+        self.bytes_sent += size
+        TRAFFIC["bytes_sent"] += size
+        TRAFFIC["collectives"] += 1
         gathered: list[Any] = [None] * self.world
         try:
             dist.all_gather_object(gathered, item, group=self.group)
