@@ -13,7 +13,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 import numpy as np
 import torch
@@ -298,9 +298,9 @@ def as_batches(batches: Iterable[Any], once: bool = False) -> Iterable[Batch]:
         return Calibration("batches", lambda: iter([batches]))
     if iter(batches) is batches:  # a one-shot iterator
         if once:
-            return Calibration("batches", lambda: batches)
+            return Calibration("batches", lambda: iter(batches))  # the iterator itself
         batches = list(batches)
-    n = len(batches) if hasattr(batches, "__len__") else None
+    n = len(batches) if isinstance(batches, Sized) else None
     return Calibration("batches", lambda: iter(batches), n_batches=n)
 
 

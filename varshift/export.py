@@ -266,6 +266,7 @@ def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
     errors: list[tuple[str, BaseException]] = []
     logs: list[str] = []
     for exporter in (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT):
+        failed: Exception | None
         with contextlib.suppress(OSError):
             tmp.unlink()  # a failed attempt may leave a partial file
         with _captured_output() as log:

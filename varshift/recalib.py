@@ -83,7 +83,7 @@ def recalibrate(
     first, stream = peek(cal)
     scan_report, graph = scan_for(fixed, prepare(first[0]))
     data = stream if single_pass else cal
-    first = stream = None
+    del first, stream
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
@@ -100,7 +100,7 @@ def recalibrate(
         )
 
     held_out = eval_batches is not None
-    evaluation = as_batches(eval_batches) if held_out else cal
+    evaluation = as_batches(eval_batches) if eval_batches is not None else cal
 
     before_stats = before_metrics = None
     if measure:
@@ -174,6 +174,7 @@ def recalibrate(
 
 def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
     """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
+    assert moments.mean is not None
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
     if m.num_batches_tracked is not None:

@@ -230,7 +230,7 @@ def _fmt_diff(value: float) -> str:
     return "-" if value == float("inf") else f"{value:.2e}"
 
 
-def _fmt_size(size: int) -> str:
+def _fmt_size(size: float) -> str:
     for unit in ("B", "kB", "MB"):
         if size < 1000 or unit == "MB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
