@@ -1,6 +1,6 @@
 """Calibration data: files and callables -> a re-iterable sequence of ``(inputs, labels)`` batches.
 
-Formats (DESIGN.md): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)``, a dict with
+Formats (docs/cli.md, DATA): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)``, a dict with
 ``inputs``/``x`` and optional ``labels``/``y``, or a TensorDataset; read with
 ``weights_only=True``), ``.npy``, ``.npz`` (arrays ``inputs``/``x`` and ``labels``/``y``, or a
 single array), and ``pkg.module:callable`` / ``file.py:callable`` returning an iterable of

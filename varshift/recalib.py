@@ -1,6 +1,6 @@
 """Recompute BatchNorm running statistics with every regularizer off.
 
-Two estimators (DESIGN.md, issue "recalibrate"):
+Two estimators (docs/concepts.md, "Estimators"):
 
 * ``population`` (default): one pass with the model in eval mode (regularizers off) except the
   norms, which normalize with batch statistics as in training. Each target norm's new

@@ -1,6 +1,6 @@
 """Result objects. Pure data: the passes fill them, ``render`` displays them.
 
-Each report has ``to_dict()`` (the stable JSON documented in DESIGN.md, with ``schema`` and
+Each report has ``to_dict()`` (the stable JSON documented in docs/json.md and varshift/schemas/, with ``schema`` and
 ``varshift_version``) and answers "passed?" with ``__bool__``.
 """
 
@@ -184,7 +184,7 @@ class ScanReport:
 
 @dataclass
 class LayerShift:
-    """Measured statistics of one norm's input (DESIGN.md "Words").
+    """Measured statistics of one norm's input (docs/concepts.md).
 
     Variances are channel means (``mean_c``) of per-channel population variances; ``shift``
     is ``max(r, 1/r)`` with ``r = eval_var_mean / running_var_mean``; ``train_shift`` compares
