@@ -131,13 +131,23 @@ class ScanReport:
                 f"{plural(len(self.norms), 'BatchNorm layer')})"
             )
         parts = []
-        shifting = [f for f in self.findings if f.rule == "regularizer-before-norm"]
+        # info findings (Uout, tiny p) predict a negligible shift: not "shifting"
+        shifting = [f for f in self.findings
+                    if f.rule == "regularizer-before-norm" and f.severity != "info"]
+        negligible = [f for f in self.findings
+                      if f.rule == "regularizer-before-norm" and f.severity == "info"]
         if shifting:
             worst = f", worst predicted shift {max(shifts):.2f}x" if shifts else ""
             parts.append(
                 f"{plural(len(shifting), 'regularizer')} "
                 f"{'shifts' if len(shifting) == 1 else 'shift'} the statistics of "
                 f"{len(affected)} of {plural(len(self.norms), 'BatchNorm layer')}{worst}"
+            )
+        if negligible:
+            parts.append(
+                f"{plural(len(negligible), 'regularizer')} "
+                f"{'reaches' if len(negligible) == 1 else 'reach'} a BatchNorm with a negligible "
+                "predicted shift (info)"
             )
         random = [f for f in self.findings if f.rule == "dropout-at-inference"]
         if random:
