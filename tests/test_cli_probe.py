@@ -1,4 +1,4 @@
-"""``varshift probe`` on the command line: exit codes, the JSON contract (DESIGN.md), the
+"""``varshift probe`` on the command line: exit codes, the JSON contract (docs/json.md), the
 other formats, --report, --quiet, no control codes off a terminal, bad usage."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import typer
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click
 except ImportError:  # pragma: no cover - older typer on top of click
-    from click import exceptions as _click  # type: ignore[no-redef]
+    from click import exceptions as _click
 
 from ._version import __version__
 from .errors import VarshiftError
@@ -454,10 +454,11 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     except typer.Exit as exc:
         rv = int(getattr(exc, "exit_code", 0) or 0)
     except _click.ClickException as exc:
+        message, code = exc.format_message(), int(exc.exit_code)
         if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # bare `varshift`: help
-            return int(exc.exit_code), exc.format_message()
+            return code, message
         # usage errors (unknown option, bad choice, missing argument): one line
-        return int(exc.exit_code), f"varshift: error: {exc.format_message()}"
+        return code, f"varshift: error: {message}"
     except Exception as exc:
         traceback.print_exc()
         return 3, (

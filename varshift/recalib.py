@@ -1,6 +1,6 @@
 """Recompute BatchNorm running statistics with every regularizer off.
 
-Two estimators (DESIGN.md, issue "recalibrate"):
+Two estimators (docs/concepts.md, "Estimators"):
 
 * ``population`` (default): one pass with the model in eval mode (regularizers off) except the
   norms, which normalize with batch statistics as in training. Each target norm's new
@@ -98,7 +98,7 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     first, stream = peek(cal)
     scan_report, graph = scan_for(fixed, prepare(first[0]))
     data = stream if single_pass else cal
-    first = stream = None
+    del first, stream
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
@@ -115,7 +115,7 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
         )
 
     held_out = eval_batches is not None
-    evaluation = as_batches(eval_batches) if held_out else cal
+    evaluation = as_batches(eval_batches) if eval_batches is not None else cal
 
     before_stats = before_metrics = None
     if measure:
@@ -190,6 +190,7 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 
 def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
     """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
+    assert moments.mean is not None
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
     if m.num_batches_tracked is not None:
