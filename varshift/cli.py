@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     code, line = _outcome(argv)
     dist = sys.modules.get("varshift.distributed")  # imported only if a command got that far
     d = dist.session() if dist is not None else None
-    if d is not None:
+    if dist is not None and d is not None:
         code, line = d.finish(code, line)
         dist.shutdown()
         if d.rank != 0:

@@ -216,7 +216,7 @@ class Dist:
             stats.order = list(dict.fromkeys(n for order in orders for n in order))
         return counts[("run", "batches")]
 
-    def sum_counts(self, values: dict[str, int]) -> dict[str, int]:
+    def sum_counts(self, values: dict[Any, int]) -> dict[Any, int]:
         """Per-key sums of integer counters (calls, samples, batches) over all ranks."""
         if not self.active:
             return dict(values)
@@ -245,12 +245,14 @@ def outcome(exc: BaseException, rank: int = 0) -> tuple[int, str]:
     return 3, f"internal error on rank {rank} ({type(exc).__name__}: {_first_line(exc)})"
 
 
-_CURRENT: contextvars.ContextVar[Dist] = contextvars.ContextVar("varshift_dist", default=Dist())
+_CURRENT: contextvars.ContextVar[Dist | None] = contextvars.ContextVar("varshift_dist",
+                                                                      default=None)
+_LOCAL = Dist()  # never active: nothing in it changes
 
 
 def current() -> Dist:
     """The :class:`Dist` the running estimator uses (one process unless set by :func:`using`)."""
-    return _CURRENT.get()
+    return _CURRENT.get() or _LOCAL
 
 
 @contextlib.contextmanager

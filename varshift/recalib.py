@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches, peek
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
-from . import distributed
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport

@@ -204,7 +204,7 @@ def _rewrite_functional(
         fn_name = kinds.function_name(node.target)
         name = call_names.get(node)
         if name in names:
-            module: nn.Module | None = Uout(beta)
+            module: nn.Module = Uout(beta)
             done.add(name)
         elif info.training is False and (info.p or 0) > 0 and fn_name in MODULE_EQUIVALENT:
             module = MODULE_EQUIVALENT[fn_name](info.p)  # keeps acting when fine-tuning
