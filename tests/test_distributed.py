@@ -73,6 +73,12 @@ def test_recalibrate_equals_one_process(tmp_path: Path, world: int, what: str) -
             assert torch.equal(got, value), key
     doc = ranks[0]["report"]
     assert doc["samples"] == sum(H.SIZES) and doc["batches"] == len(H.SIZES)
+    single = rep.to_dict()["metrics"]  # accuracy and NLL summed over the ranks' batches
+    for when in ("before", "after"):
+        got, ref = doc["metrics"][when], single[when]
+        assert got["samples"] == ref["samples"] == sum(H.SIZES)
+        assert got["accuracy"] == ref["accuracy"]
+        assert close(got["nll"], ref["nll"], rel=1e-9)
     if what == "exact":
         assert all(abs(l["shift_after"] - 1) < 1e-3 for l in doc["layers"] if l["recalibrated"])
 
