@@ -474,8 +474,69 @@ def export(
 # --------------------------------------------------------------------------- entry point
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP, so that every ``finally`` and every
+    temporary-file cleanup runs on the way out, as for Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals handled like SIGINT: exit code 128 + the signal's number (143, 129).
+_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+class _SignalsAsExceptions:
+    """Install the SIGTERM/SIGHUP handlers for the duration of one ``main()`` call and put
+    the previous ones back (tests call ``main`` in-process). Only in the main thread, where
+    Python delivers signals; elsewhere it does nothing."""
+
+    def __enter__(self) -> "_SignalsAsExceptions":
+        import signal
+        import threading
+
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in _SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._old[signum] = signal.signal(signum, _raise_terminated)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code (for tests and ``run``)."""
+    """Run the CLI and return the exit code (for tests and ``run``).
+
+    SIGINT, SIGTERM and SIGHUP stop the run with one line on stderr and exit codes 130, 143
+    and 129; temporary files are removed on the way out, so no output is left behind.
+    """
+    with _SignalsAsExceptions():
+        try:
+            return _main_unguarded(argv)
+        except _Terminated as exc:  # arrived outside the command (while printing the error)
+            return _terminated(exc.signum)
+
+
+def _terminated(signum: int) -> int:
+    import signal
+
+    name = signal.Signals(signum).name
+    print(f"varshift: terminated by {name}; no output was written", file=sys.stderr)
+    return 128 + signum
+
+
+def _main_unguarded(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
@@ -485,6 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("varshift: interrupted; no output was written", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        return _terminated(exc.signum)
+    except SystemExit as exc:
+        # click itself never raises SystemExit with standalone_mode=False: this came from
+        # user code (an --arch builder, a data callable, a model's forward) that called
+        # sys.exit(). An error in the user's code, not varshift's exit code.
+        print(f"varshift: error: user code called sys.exit({exc.code!r}) (an --arch builder, a "
+              "data callable or the model itself); no output was written", file=sys.stderr)
+        return 2
     except typer.Abort:
         print("varshift: aborted", file=sys.stderr)
         return 130

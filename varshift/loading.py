@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import warnings
 import zipfile
@@ -244,6 +245,8 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
 
 
 def _short(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
@@ -278,7 +281,7 @@ def resolve_arch(spec: str) -> Callable:
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
             raise ArchError(f"--arch {spec!r}: cannot import {target!r} ({type(exc).__name__}: "
                             f"{_short(exc)})")
     fn = getattr(module, attr, None)
@@ -320,7 +323,7 @@ def _import_file(path: Path, spec: str):
     sys.path.insert(0, folder)
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         del sys.modules[name]
         raise ArchError(f"--arch {spec!r}: importing {path} failed ({type(exc).__name__}: "
                         f"{_short(exc)})")
@@ -336,7 +339,7 @@ def build_arch(spec: str, arch_args: dict) -> Any:
     fn = resolve_arch(spec)
     try:
         module = fn(**arch_args)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         raise ArchError(f"--arch {spec!r}: calling it with {json.dumps(arch_args)} failed "
                         f"({type(exc).__name__}: {_short(exc)})")
     if not isinstance(module, nn.Module):
@@ -421,14 +424,40 @@ def load_state_into(module: Any, state: dict, source: str) -> dict[str, str]:
 
 
 def check_readable(path: Path, what: str = "MODEL") -> None:
+    """Refuse an input that is missing, not a regular file, unreadable or empty.
+
+    FIFOs, devices and sockets are refused before anything opens them (reading a FIFO would
+    block, a device never ends); pseudo-files that report 0 bytes but have content (``/proc``,
+    ``/sys``) are named as such rather than called empty.
+    """
     if not path.exists():
         raise LoadError(f"{what} {path}: no such file")
     if path.is_dir():
         raise LoadError(f"{what} {path} is a directory, not a file")
-    if path.stat().st_size == 0:
-        raise LoadError(f"{what} {path} is empty (0 bytes)")
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{what} {path} is {_file_kind(st.st_mode)}, not a regular file")
     if not os.access(path, os.R_OK):
         raise LoadError(f"{what} {path} is not readable (permission denied)")
+    if st.st_size == 0:
+        try:
+            with path.open("rb") as f:
+                has_content = bool(f.read(1))
+        except OSError as exc:
+            raise LoadError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+        if has_content:
+            raise LoadError(f"{what} {path} is a pseudo-file that reports 0 bytes (a /proc or "
+                            "/sys file?), not a saved file; copy it to a regular file first")
+        raise LoadError(f"{what} {path} is empty (0 bytes)")
+
+
+def _file_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a character device', ... for a stat mode."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def load_model(

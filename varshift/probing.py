@@ -27,7 +27,7 @@ from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .reports import LayerShift, ProbeReport
-from .stats import ChannelMoments
+from .stats import ChannelMoments, require_finite
 
 if TYPE_CHECKING:
     from .graph import DataflowGraph
@@ -157,18 +157,23 @@ def probe(
 
 
 def _ratio_shift(a: float, b: float) -> float:
-    """``max(a/b, b/a)``; inf when exactly one is zero, nan when either is nan."""
+    """``max(a/b, b/a)``; inf when exactly one is zero or infinite, or when the ratio
+    over- or underflows; nan when either is nan."""
     if math.isnan(a) or math.isnan(b):
         return math.nan
     if a == b:
         return 1.0
-    if a == 0 or b == 0:
+    if a == 0 or b == 0 or math.isinf(a) or math.isinf(b):
         return math.inf
     r = a / b
+    if r == 0 or math.isinf(r):  # the ratio itself left float range
+        return math.inf
     return max(r, 1 / r)
 
 
 def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, calls) -> LayerShift:
+    require_finite(ev, name, "eval-mode")
+    require_finite(tr, name, "train-mode")
     rv = module.running_var.detach().double().cpu()
     rm = module.running_mean.detach().double().cpu()
     eps = float(getattr(module, "eps", 1e-5))

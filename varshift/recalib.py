@@ -33,7 +33,7 @@ from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
-from .stats import ChannelMoments
+from .stats import ChannelMoments, require_finite
 
 
 def recalibrate(
@@ -172,8 +172,13 @@ def recalibrate(
 # --------------------------------------------------------------------------- estimators
 
 
-def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
-    """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
+def _write(m: nn.Module, moments: ChannelMoments, n_batches: int, name: str = "") -> None:
+    """Store new statistics in the norm's own buffers (same tensors, dtype and device).
+
+    Raises:
+        DataError: the statistics are not finite (nothing is written to that norm).
+    """
+    require_finite(moments, name, "recalibrated")
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
     if m.num_batches_tracked is not None:
@@ -197,10 +202,12 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
             n_batches += 1
             if progress is not None:
                 progress(n_batches, total)
+    for name in targets:  # all or nothing: no norm is written when one overflowed
+        require_finite(stats.moments[name], name, "recalibrated")
     with torch.no_grad():
         for name in targets:
             if stats.moments[name].mean is not None:
-                _write(norms[name], stats.moments[name], n_batches)
+                _write(norms[name], stats.moments[name], n_batches, name)
     return 1, n_batches
 
 
@@ -308,7 +315,7 @@ def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, i
                     per_forward = counter.constant()
             for name in level:
                 if stats.moments[name].mean is not None:
-                    _write(norms[name], stats.moments[name], n_batches)
+                    _write(norms[name], stats.moments[name], n_batches, name)
     return len(levels), n_batches
 
 
@@ -376,6 +383,10 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
         model.eval()
         for index, (x, y) in enumerate(cal):
             sums.add(forward(model, prepare(x), index), y)
+    # An inference-path input that overflowed (data far outside the model's range) makes
+    # every statistic downstream meaningless, whether or not that norm is recalibrated.
+    for name in stats.order:
+        require_finite(stats.moments[name], name, "eval-mode")
     return stats, sums.result(held_out=False)
 
 
