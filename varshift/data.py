@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, VarshiftError
-from .loading import check_readable, resolve_arch
+from .loading import check_readable, memory_bound, resolve_arch, safe_globals
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -207,9 +207,18 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise DataError(f"DATA {path} is not a torch.save file ({_kind_of(head)}); {SUPPORTED}")
     try:
-        with torch.serialization.safe_globals([TensorDataset]):
+        # the same bounds as for models: TensorDataset restored, never constructed; what a
+        # crafted file may allocate bounded by its size
+        with torch.serialization.safe_globals(safe_globals([TensorDataset])), memory_bound(path):
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise DataError(f"refused to load DATA {path}: it asks for more memory than a file of its "
+                        "size can hold; it is damaged or crafted") from None
     except Exception as exc:
+        if "can't allocate memory" in str(exc) or "calls the constructor" in str(exc):
+            raise DataError(f"refused to load DATA {path}: it asks for more memory than a file "
+                            "of its size can hold, or calls a constructor torch.save never "
+                            "writes; it is damaged or crafted") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc):
             raise DataError(
