@@ -191,7 +191,13 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Sa
 MaxBatchesOpt = Annotated[
     Optional[int], typer.Option("--max-batches", metavar="N", help="Use at most N batches.")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seeds the train-mode pass (dropout masks).")]
+#: torch's generators take seeds up to 2**64 - 1; a larger --seed is a usage error, not a crash.
+SEED_MAX = 2**64 - 1
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
+                 help="Seeds the train-mode pass (dropout masks).")
+]
 
 
 class Device(str, Enum):
@@ -459,6 +465,7 @@ def export(
     if atol < 0 or rtol < 0:
         raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     _check_outputs((model, data), ("--output", output), ("--report", report))
+    _device(device)  # refused as in every command when not available; the export runs on CPU
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches) if data else None
     from .export import export_onnx

@@ -94,6 +94,10 @@ def probe(
         DataError: the data is empty, has NaN/Inf, or does not fit the model.
         VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        from .errors import VarshiftError
+
+        raise VarshiftError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     check_materialized(model)
     cal = as_batches(batches, once=True)
     dev = torch.device(device) if device is not None else model_device(model)
