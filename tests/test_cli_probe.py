@@ -44,18 +44,24 @@ def small(tmp_path) -> list[str]:
 
 def probe_json(cli, args) -> dict:
     res = cli("probe", *args, "--format", "json")
-    assert res.code == 0, res.err
-    return json.loads(res.out)
+    assert res.code in (0, 1), res.err
+    doc = json.loads(res.out)
+    assert res.code == (0 if doc["summary"]["passed"] else 1)  # exit code = bool(report)
+    return doc
 
 
 # --------------------------------------------------------------------------- exit codes
 
 
-def test_exit_0_without_fail_above(cli, shifted):
+def test_exit_1_by_default_when_shifted(cli, shifted):
+    """The default threshold is the one the verdict uses (1.1): SHIFTED means exit 1, as
+    scan's default fails on its errors and bool(report) is False."""
     res = cli("probe", *shifted)
-    assert res.code == 0, res.err
+    assert res.code == 1, res.err
     assert res.err == ""  # no progress bar or anything else off a terminal
     assert "SHIFTED" in res.out and not ANSI.search(res.out)
+    never = cli("probe", *shifted, "--fail-above", "inf")
+    assert never.code == 0 and never.err == ""
 
 
 def test_fail_above_threshold(cli, shifted):
@@ -154,7 +160,7 @@ def test_npy_data_same_numbers_as_pt(cli):
 
 def test_markdown(cli, shifted):
     res = cli("probe", *shifted, "--format", "markdown")
-    assert res.code == 0
+    assert res.code == 1  # shifted
     lines = res.out.splitlines()
     assert lines[0].startswith("### ") and "**Verdict (shifted):**" in res.out
     table = [l for l in lines if l.startswith("|")]
@@ -168,7 +174,7 @@ def test_markdown(cli, shifted):
 def test_report_file(cli, shifted, tmp_path, name, kind):
     out = tmp_path / name
     res = cli("probe", *shifted, "--report", out)
-    assert res.code == 0 and res.out.strip()  # stdout still has the text report
+    assert res.code == 1 and res.out.strip()  # shifted; stdout still has the text report
     written = out.read_text()
     if kind == "json":
         assert json.loads(written)["schema"] == "varshift.probe/1"

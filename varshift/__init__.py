@@ -1,6 +1,6 @@
 """varshift: find, measure and fix the variance shift that dropout causes in BatchNorm.
 
-The public API (DESIGN.md)::
+The public API (docs/api.md)::
 
     report = varshift.scan(model, example_input=None)           # -> ScanReport
     probe = varshift.probe(model, batches, seed=0)               # -> ProbeReport
@@ -8,6 +8,10 @@ The public API (DESIGN.md)::
     swapped, rep = varshift.swap(model, to="uout", beta=0.1)
     varshift.export_onnx(model, path, example_input)             # -> ParityResult
     varshift.Uout(beta=0.1)
+
+and one function per command that works on files (load, run, save in the input's own form,
+return the report): ``scan_file``, ``probe_file``, ``recalibrate_file``, ``swap_file``,
+``export_file`` (:mod:`varshift.files`).
 
 Names are imported lazily so that ``import varshift`` (and ``varshift --help``) stays fast and
 does not import torch.
@@ -32,6 +36,11 @@ _LAZY = {
     "SwapReport": "varshift.reports",
     "export_onnx": "varshift.export",
     "ParityResult": "varshift.reports",
+    "scan_file": "varshift.files",
+    "probe_file": "varshift.files",
+    "recalibrate_file": "varshift.files",
+    "swap_file": "varshift.files",
+    "export_file": "varshift.files",
     "load_model": "varshift.loading",
     "VarshiftError": "varshift.errors",
 }

@@ -1,19 +1,30 @@
-"""The command line. Each command: parse -> one library call -> render.
+"""The command line. Each command: parse -> one library call (:mod:`varshift.files`) -> render.
 
 No torch (or onnx) import at module level: ``varshift --help`` and ``--version`` stay instant.
-Exit codes (DESIGN.md): 0 ok; 1 findings/shifts at the threshold or a failed parity check;
-2 bad input or usage (one line on stderr); 3 an internal error (a bug: traceback kept).
+Exit codes (docs/cli.md): 0 when the report passes (``bool(report)``); 1 when it does not
+(findings or shifts at the threshold, a failed accuracy guard or parity check); 2 bad input or
+usage (one line on stderr); 130 interrupted; 3 an internal error (a bug: traceback kept).
+Paths are plain strings: varshift checks them itself, with its own messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import os
 import sys
 import traceback
+from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as _click  # type: ignore[no-redef]
 
 from ._version import __version__
 from .errors import VarshiftError
@@ -41,42 +52,6 @@ class FailOn(str, Enum):
     never = "never"
 
 
-# Shared options. Paths are plain strings: varshift checks them itself, with its own messages.
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        metavar="MODEL",
-        help="torch.save file: a whole module, or a state dict / checkpoint with --arch.",
-        show_default=False,
-    ),
-]
-ArchOpt = Annotated[
-    Optional[str],
-    typer.Option("--arch", metavar="SPEC", help="Builds the module for a state dict: pkg.module:fn or file.py:fn."),
-]
-ArchArgsOpt = Annotated[
-    Optional[str], typer.Option("--arch-args", metavar="JSON", help="JSON object of keyword arguments for --arch.")
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option("--trust", help="Allow full unpickling (runs code from the file). Trusted files only."),
-]
-InputShapeOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--input-shape",
-        metavar="SHAPE",
-        help="Example input shape, e.g. 1,3,224,224: traces models that torch.fx cannot.",
-    ),
-]
-FormatOpt = Annotated[Format, typer.Option("--format", help="Report format on stdout.")]
-ReportOpt = Annotated[
-    Optional[str],
-    typer.Option("--report", metavar="FILE", help="Also write the report to FILE (.json, .md, else --format)."),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stdout.")]
-
-
 def _version_callback(value: bool) -> None:
     if value:
         print(f"varshift {__version__}")
@@ -94,90 +69,128 @@ def _main(
     """Find, measure and fix the variance shift that dropout causes in BatchNorm layers."""
 
 
-# --------------------------------------------------------------------------- shared steps
+# --------------------------------------------------------------------------- option groups
+#
+# Options shared by several commands are declared once, as a dataclass whose fields carry the
+# typer metadata (Polygraphy's argument groups). A command takes the group as one parameter;
+# ``_command`` expands it into the group's options for typer and hands the command the built
+# dataclass. Adding an option to a group adds it to every command that takes the group.
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="torch.save file: a whole module, or a state dict / checkpoint with --arch.",
+        show_default=False,
+    ),
+]
 
 
-def _load(model: str, arch: str | None, arch_args: str | None, trust: bool):
-    from .loading import load_model, parse_arch_args
+@dataclass
+class ModelOptions:
+    """How to load MODEL (every command)."""
 
-    return load_model(model, arch=arch, arch_args=parse_arch_args(arch_args), trust=trust)
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", metavar="SPEC",
+                     help="Builds the module for a state dict: pkg.module:fn or file.py:fn."),
+    ] = None
+    arch_args: Annotated[
+        Optional[str],
+        typer.Option("--arch-args", metavar="JSON", help="JSON object of keyword arguments for --arch."),
+    ] = None
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Allow full unpickling (runs code from the file). Trusted files only."),
+    ] = False
 
-
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in text.split(",") if s.strip() != "")
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise VarshiftError(
-            f"--input-shape {text!r} must be comma-separated positive integers, e.g. 1,3,224,224"
-        )
-    return shape
-
-
-def _check_outputs(inputs: tuple, *outputs: tuple[str, str | None]) -> None:
-    """Before any work: every output path is writable, is none of the input files (model,
-    data), and no two outputs are the same file."""
-    from ._io import check_output_path
-
-    seen: dict[str, str] = {}
-    for what, path in outputs:
-        if path:
-            check_output_path(path, what, tuple(i for i in inputs if i))
-            key = str(Path(path).resolve())
-            if key in seen:
-                raise VarshiftError(f"{what} and {seen[key]} are the same file: {path}")
-            seen[key] = what
+    def kwargs(self) -> dict[str, Any]:
+        return {"arch": self.arch, "arch_args": self.arch_args, "trust": self.trust}
 
 
-def _emit(rep: Any, fmt: Format, report_file: str | None, quiet: bool) -> None:
-    from ._io import write_text_atomic
-    from .render import format_for_path, make_console, render_to_string, text
-
-    if report_file:
-        write_text_atomic(report_file, render_to_string(rep, format_for_path(report_file, fmt.value)))
-    if quiet:
-        return
-    if fmt is Format.text and sys.stdout.isatty():
-        make_console().print(text(rep))  # colour and the terminal's width
-    else:  # pipes, files and CI logs: plain text, the same bytes as --report writes
-        sys.stdout.write(render_to_string(rep, fmt.value, width=make_console().width))
-        sys.stdout.flush()
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
 
 
-# --------------------------------------------------------------------------- commands
+@dataclass
+class DataOptions:
+    """How to read DATA and where to run (commands that read calibration data)."""
+
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", help="Samples per batch for file data.")
+    ] = 64
+    max_batches: Annotated[
+        Optional[int], typer.Option("--max-batches", metavar="N", help="Use at most N batches.")
+    ] = None
+    device: Annotated[
+        Optional[Device],
+        typer.Option("--device", help="Where to run: cpu, cuda, or auto (default: auto).",
+                     show_default=False),
+    ] = None
+
+    def kwargs(self, device: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"batch_size": self.batch_size, "max_batches": self.max_batches}
+        if device:
+            out["device"] = (self.device or Device.auto).value
+        return out
 
 
-@app.command()
-def scan(
-    model: ModelArg,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    trust: TrustOpt = False,
-    input_shape: InputShapeOpt = None,
-    fail_on: Annotated[
-        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity.")
-    ] = FailOn.error,
-    format: FormatOpt = Format.text,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-) -> int:
-    """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
-    shape = _parse_shape(input_shape)
-    _check_outputs((model,), ("--report", report))
-    loaded = _load(model, arch, arch_args, trust)
-    from .inputs import example_input
-    from .rules import scan as scan_model
+@dataclass
+class OutputOptions:
+    """How to show the report (every command)."""
 
-    rep = scan_model(loaded.module, example_input(loaded.module, shape) if shape else None)
-    rep.source = model
-    rep.notes[:0] = loaded.notes
-    _emit(rep, format, report, quiet)
-    return 1 if rep.failed(fail_on.value) else 0
+    format: Annotated[Format, typer.Option("--format", help="Report format on stdout.")] = Format.text
+    report: Annotated[
+        Optional[str],
+        typer.Option("--report", metavar="FILE",
+                     help="Also write the report to FILE (.json, .md, else --format)."),
+    ] = None
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stdout.")] = False
 
 
+_GROUPS = (ModelOptions, DataOptions, OutputOptions)
+
+
+def _command(fn: Callable[..., int]) -> Callable[..., int]:
+    """Register ``fn`` as a command, with every option-group parameter expanded."""
+    hints = get_type_hints(fn, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for p in inspect.signature(fn).parameters.values():
+        hint = hints.get(p.name, p.annotation)
+        if hint in _GROUPS:
+            fields = get_type_hints(hint, include_extras=True)
+            names = [f.name for f in dataclasses.fields(hint)]
+            params += [
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                  annotation=fields[f.name])
+                for f in dataclasses.fields(hint)
+            ]
+            groups[p.name] = (hint, names)
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hint))
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> int:
+        for group, (cls, names) in groups.items():
+            kwargs[group] = cls(**{n: kwargs.pop(n) for n in names})
+        return fn(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return app.command()(wrapper)
+
+
+InputShapeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--input-shape",
+        metavar="SHAPE",
+        help="Example input shape, e.g. 1,3,224,224: traces models that torch.fx cannot.",
+    ),
+]
 DataOpt = Annotated[
     str,
     typer.Option(
@@ -187,112 +200,6 @@ DataOpt = Annotated[
         show_default=False,
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per batch for file data.")]
-MaxBatchesOpt = Annotated[
-    Optional[int], typer.Option("--max-batches", metavar="N", help="Use at most N batches.")
-]
-#: torch's generators take seeds up to 2**64 - 1; a larger --seed is a usage error, not a crash.
-SEED_MAX = 2**64 - 1
-SeedOpt = Annotated[
-    int,
-    typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
-                 help="Seeds the train-mode pass (dropout masks).")
-]
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
-
-
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: cpu, cuda, or auto.")]
-
-
-def _device(choice: Device):
-    import torch
-
-    if choice is Device.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice is Device.cuda and not torch.cuda.is_available():
-        raise VarshiftError("--device cuda: CUDA is not available here; use --device cpu or auto")
-    return torch.device(choice.value)
-
-
-def _data(spec: str, batch_size: int, max_batches: int | None):
-    from .data import load_data
-
-    return load_data(spec, batch_size=batch_size, max_batches=max_batches)
-
-
-class _Progress:
-    """Batch progress on stderr, only when stderr is a terminal (never in CI logs)."""
-
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label = label
-        self.enabled = not quiet and sys.stderr.isatty()
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self._progress = Progress(console=Console(stderr=True), transient=True)
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.label, total=None)
-        return self
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-
-@app.command()
-def probe(
-    model: ModelArg,
-    data: DataOpt,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    trust: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    max_batches: MaxBatchesOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    fail_above: Annotated[
-        Optional[float],
-        typer.Option("--fail-above", help="Exit 1 when any layer's shift reaches RATIO.",
-                     metavar="RATIO"),
-    ] = None,
-    format: FormatOpt = Format.text,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-) -> int:
-    """Measure each BatchNorm layer's variance shift on calibration data."""
-    if fail_above is not None and not fail_above >= 1.0:
-        raise VarshiftError(f"--fail-above must be a ratio >= 1.0, got {fail_above}")
-    _check_outputs((model, data), ("--report", report))
-    dev = _device(device)
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
-    from .probing import probe as probe_model
-
-    with _Progress("probing", quiet) as progress:
-        rep = probe_model(
-            loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
-            threshold=fail_above or 1.1,
-        )
-    rep.source = model
-    rep.notes[:0] = loaded.notes
-    _emit(rep, format, report, quiet)
-    return 1 if fail_above is not None and rep.failed(fail_above) else 0
-
-
 OutputOpt = Annotated[
     str, typer.Option("--output", "-o", metavar="OUT", help="Where to write the result.", show_default=False)
 ]
@@ -308,17 +215,110 @@ ExactOpt = Annotated[
     bool,
     typer.Option("--exact", help="Statistics on the inference path, level by level (shift 1.000)."),
 ]
+FailAboveOpt = Annotated[
+    float,
+    typer.Option("--fail-above", metavar="RATIO",
+                 help="Exit 1 when a layer's shift reaches RATIO (inf: never)."),
+]
+#: torch's generators take seeds in [0, 2**64): a larger --seed is a usage error, not a crash.
+SEED_MAX = 2**64 - 1
+ExampleSeedOpt = Annotated[
+    int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
+                      help="Seeds the random example input of --input-shape.")
+]
+# Kept so that old command lines still run; it never did anything there.
+DeprecatedSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
 
-def _onnx(fixed, out: str | None, batches):
-    if not out:
-        return None
-    from .export import export_onnx
-
-    return export_onnx(fixed, out, batches=batches)
+def _warn(message: str) -> None:
+    print(f"varshift: warning: {message}", file=sys.stderr)
 
 
-@app.command()
+def _emit(rep: Any, out: OutputOptions) -> int:
+    """Render ``rep`` (stdout, and --report); the exit code: 0 when ``bool(rep)``, else 1."""
+    from ._io import write_text_atomic
+    from .render import format_for_path, make_console, render_to_string, text
+
+    if out.report:
+        write_text_atomic(out.report, render_to_string(rep, format_for_path(out.report, out.format.value)))
+    if not out.quiet:
+        if out.format is Format.text and sys.stdout.isatty():
+            make_console().print(text(rep))  # colour and the terminal's width
+        else:  # pipes, files and CI logs: plain text, the same bytes as --report writes
+            sys.stdout.write(render_to_string(rep, out.format.value, width=make_console().width))
+            sys.stdout.flush()
+    return 0 if rep else 1
+
+
+class _Progress:
+    """Batch progress on stderr, only when stderr is a terminal (never in CI logs)."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._progress = Progress(console=Console(stderr=True), transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@_command
+def scan(
+    model: ModelArg,
+    input_shape: InputShapeOpt = None,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity.")
+    ] = FailOn.error,
+    model_opts: ModelOptions = ModelOptions(),
+    out: OutputOptions = OutputOptions(),
+) -> int:
+    """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
+    from .files import scan_file
+
+    return _emit(scan_file(model, input_shape=input_shape, fail_on=fail_on.value,
+                           report=out.report, **model_opts.kwargs()), out)
+
+
+@_command
+def probe(
+    model: ModelArg,
+    data: DataOpt,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
+                                      help="Seeds the train-mode pass (dropout masks).")] = 0,
+    fail_above: FailAboveOpt = 1.1,
+    model_opts: ModelOptions = ModelOptions(),
+    data_opts: DataOptions = DataOptions(),
+    out: OutputOptions = OutputOptions(),
+) -> int:
+    """Measure each BatchNorm layer's variance shift on calibration data."""
+    from .files import probe_file
+
+    with _Progress("probing", out.quiet) as progress:
+        rep = probe_file(model, data, seed=seed, fail_above=fail_above, report=out.report,
+                         progress=progress, **model_opts.kwargs(), **data_opts.kwargs())
+    return _emit(rep, out)
+
+
+@_command
 def recalibrate(
     model: ModelArg,
     data: DataOpt,
@@ -329,43 +329,36 @@ def recalibrate(
     ] = False,
     eval_data: EvalDataOpt = None,
     onnx: OnnxOpt = None,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    trust: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    max_batches: MaxBatchesOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    format: FormatOpt = Format.text,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
+    fail_above: Annotated[
+        float,
+        typer.Option("--fail-above", metavar="RATIO",
+                     help="Exit 1 when a recalibrated layer's shift afterwards reaches RATIO."),
+    ] = 1.1,
+    max_accuracy_drop: Annotated[
+        Optional[float],
+        typer.Option("--max-accuracy-drop", metavar="PCT",
+                     help="Exit 1 when accuracy falls by more than PCT percentage points."),
+    ] = None,
+    seed: DeprecatedSeedOpt = None,
+    model_opts: ModelOptions = ModelOptions(),
+    data_opts: DataOptions = DataOptions(),
+    out: OutputOptions = OutputOptions(),
 ) -> int:
     """Recompute BatchNorm statistics with dropout off; write the model in its own form."""
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
-                   ("--report", report))
-    dev = _device(device)
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
-    held_out = _data(eval_data, batch_size, None) if eval_data else None
-    from .recalib import recalibrate as recalibrate_model
-    from .saving import norm_buffer_keys, save_like
+    from .files import recalibrate_file
 
-    with _Progress("recalibrating", quiet) as progress:
-        fixed, rep = recalibrate_model(
-            loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
-            eval_batches=held_out, device=dev, progress=progress,
+    if seed is not None:
+        _warn("--seed does nothing for recalibrate (it draws nothing at random) and will be removed")
+    with _Progress("recalibrating", out.quiet) as progress:
+        rep = recalibrate_file(
+            model, data, output, exact=exact, all_norms=all_norms, eval_data=eval_data, onnx=onnx,
+            fail_above=fail_above, max_accuracy_drop=max_accuracy_drop, report=out.report,
+            progress=progress, **model_opts.kwargs(), **data_opts.kwargs(),
         )
-    fixed = fixed.cpu()
-    changed = norm_buffer_keys([l.name for l in rep.recalibrated], fixed)
-    save_like(loaded, fixed, output, changed)
-    rep.output, rep.source = output, model
-    rep.notes[:0] = loaded.notes
-    rep.onnx = _onnx(fixed, onnx, batches)
-    _emit(rep, format, report, quiet)
-    return 0 if rep.onnx is None or rep.onnx else 1
+    return _emit(rep, out)
 
 
-@app.command()
+@_command
 def swap(
     model: ModelArg,
     output: OutputOpt,
@@ -377,66 +370,25 @@ def swap(
     exact: ExactOpt = False,
     eval_data: EvalDataOpt = None,
     onnx: OnnxOpt = None,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    trust: TrustOpt = False,
     input_shape: InputShapeOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    max_batches: MaxBatchesOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    format: FormatOpt = Format.text,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
+    seed: ExampleSeedOpt = 0,
+    model_opts: ModelOptions = ModelOptions(),
+    data_opts: DataOptions = DataOptions(),
+    out: OutputOptions = OutputOptions(),
 ) -> int:
     """Replace the dropout-like layers that reach a BatchNorm with Uout."""
-    shape = _parse_shape(input_shape)
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
-                   ("--report", report))
-    if eval_data and not data:
-        raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
-    if onnx and not (data or shape):
-        raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
-    dev = _device(device)
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
-    held_out = _data(eval_data, batch_size, None) if eval_data else None
-    from ._io import write_with
-    from .inputs import example_input
-    from .swapping import swap as swap_model
+    from .files import swap_file
 
-    example = example_input(loaded.module, shape) if shape else None
-    if example is None and batches is not None:
-        example = next(iter(batches))[0][:1]
-    swapped, rep = swap_model(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
-    if batches is not None:
-        from .recalib import recalibrate as recalibrate_model
-
-        with _Progress("recalibrating", quiet) as progress:
-            swapped, rep.recalibration = recalibrate_model(
-                swapped.to(dev), batches, exact=exact, inplace=True, eval_batches=held_out,
-                device=dev, progress=progress,
-            )
-        swapped = swapped.cpu()
-    import torch
-
-    write_with(output, lambda tmp: torch.save(swapped, tmp))
-    rep.output, rep.source = output, model
-    rep.notes[:0] = loaded.notes
-    if loaded.form != "module":
-        rep.notes.append(
-            f"{model} is a checkpoint, which cannot carry new layers: the output is a whole "
-            "module; to keep training from a checkpoint, build the model with varshift.Uout in "
-            "place of the swapped layers"
+    with _Progress("recalibrating", out.quiet) as progress:
+        rep = swap_file(
+            model, output, to=to, beta=beta, data=data, exact=exact, eval_data=eval_data,
+            onnx=onnx, input_shape=input_shape, seed=seed, report=out.report, progress=progress,
+            **model_opts.kwargs(), **data_opts.kwargs(),
         )
-    if rep.graph_module or loaded.form != "module":
-        rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
-    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
-    _emit(rep, format, report, quiet)
-    return 0 if rep.onnx is None or rep.onnx else 1
+    return _emit(rep, out)
 
 
-@app.command()
+@_command
 def export(
     model: ModelArg,
     output: OutputOpt,
@@ -444,38 +396,26 @@ def export(
         Optional[str], typer.Option("--data", metavar="DATA", help="Check parity on these batches.")
     ] = None,
     input_shape: InputShapeOpt = None,
+    seed: ExampleSeedOpt = 0,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance.")] = 1e-3,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    trust: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    max_batches: MaxBatchesOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    format: FormatOpt = Format.text,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
+    model_opts: ModelOptions = ModelOptions(),
+    data_opts: DataOptions = DataOptions(),
+    out: OutputOptions = OutputOptions(),
 ) -> int:
     """Export to ONNX (eval mode, dynamic batch) and check the outputs in onnxruntime."""
-    shape = _parse_shape(input_shape)
-    if not data and not shape:
-        raise VarshiftError("export needs --data DATA or --input-shape (e.g. 1,3,224,224) "
-                            "to build the inputs it checks")
-    if atol < 0 or rtol < 0:
-        raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
-    _check_outputs((model, data), ("--output", output), ("--report", report))
-    _device(device)  # refused as in every command when not available; the export runs on CPU
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
-    from .export import export_onnx
-    from .inputs import example_input
+    from .files import export_file
 
-    example = example_input(loaded.module, shape, seed=seed) if shape else None
-    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol)
-    rep.source = model
-    _emit(rep, format, report, quiet)
-    return 0 if rep else 1
+    if data_opts.device is not None:
+        from .files import resolve_device
+
+        resolve_device(data_opts.device.value)  # refused where unavailable, as by every command
+        _warn("--device does nothing for export (the export and its check run on the CPU) "
+              "and will be removed")
+    rep = export_file(model, output, data=data, input_shape=input_shape, seed=seed, atol=atol,
+                      rtol=rtol, report=out.report, **model_opts.kwargs(),
+                      **data_opts.kwargs(device=False))
+    return _emit(rep, out)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -567,14 +507,14 @@ def _main_unguarded(argv: list[str] | None) -> int:
         return 130
     except typer.Exit as exc:
         rv = int(getattr(exc, "exit_code", 0) or 0)
-    except Exception as exc:
-        # click/typer usage errors (unknown option, bad choice, missing argument): one line.
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `varshift`: help, not an error
-                print(exc.format_message(), file=sys.stderr)
-                return int(exc.exit_code)
-            print(f"varshift: error: {exc.format_message()}", file=sys.stderr)
+    except _click.ClickException as exc:
+        if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # bare `varshift`: help
+            print(exc.format_message(), file=sys.stderr)
             return int(exc.exit_code)
+        # usage errors (unknown option, bad choice, missing argument): one line
+        print(f"varshift: error: {exc.format_message()}", file=sys.stderr)
+        return int(exc.exit_code)
+    except Exception as exc:
         traceback.print_exc()
         print(
             f"varshift: internal error ({type(exc).__name__}); this is a bug in varshift "
@@ -590,5 +530,13 @@ def _main_unguarded(argv: list[str] | None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``varshift`` and ``python -m varshift``).
+
+    Both put the current directory first on ``sys.path``, as ``python -m`` does, so that
+    ``--arch`` / ``--data`` / ``--call`` specs like ``mypkg.models:build`` resolve the same
+    way whichever way varshift was started.
+    """
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) for p in sys.path):
+        sys.path.insert(0, cwd)
     sys.exit(main())

@@ -405,8 +405,8 @@ def resolve_arch(spec: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
-            raise ArchError(f"--arch {spec!r}: cannot import {target!r} ({type(exc).__name__}: "
-                            f"{_short(exc)})")
+            raise ArchError(f"--arch {spec!r}: cannot import {target!r} from the current "
+                            f"directory or sys.path ({type(exc).__name__}: {_short(exc)})")
     fn = getattr(module, attr, None)
     if fn is None:
         options = sorted(

@@ -88,7 +88,8 @@ class Finding:
 class ScanReport:
     """What ``varshift.scan`` found in a model's dataflow graph.
 
-    ``bool(report)`` is True when no finding has severity ``error``.
+    ``bool(report)`` is True when no finding reaches the severity ``fail_on`` (default
+    ``error``; ``warning``; ``never``: always True).
     """
 
     model: str
@@ -98,20 +99,23 @@ class ScanReport:
     findings: list[Finding]
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    fail_on: str = "error"
 
     schema = "varshift.scan/1"
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
 
-    def failed(self, fail_on: str = "error") -> bool:
-        """True when a finding reaches ``fail_on`` (``error``, ``warning``; ``never``: False)."""
+    def failed(self, fail_on: str | None = None) -> bool:
+        """True when a finding reaches ``fail_on`` (default: the report's own ``fail_on``;
+        ``error``, ``warning``; ``never``: False)."""
+        fail_on = self.fail_on if fail_on is None else fail_on
         if fail_on == "never":
             return False
         return any(severity_rank(f.severity) >= severity_rank(fail_on) for f in self.findings)
 
     def __bool__(self) -> bool:
-        return not self.failed("error")
+        return not self.failed()
 
     @property
     def verdict(self) -> str:
@@ -155,6 +159,8 @@ class ScanReport:
             "warnings": self.count("warning"),
             "infos": self.count("info"),
             "traced_with": self.traced_with,
+            "fail_on": self.fail_on,
+            "passed": bool(self),
             "verdict": self.verdict,
         }
 
@@ -283,6 +289,7 @@ class ProbeReport:
             "affected_layers": sum(bool(l.affected) for l in self.layers),
             "threshold": self.threshold,
             "layers_above_threshold": len(self.above()),
+            "passed": bool(self),
             "verdict": self.verdict,
         }
 
@@ -418,7 +425,8 @@ class RecalibrationReport:
     """What ``varshift.recalibrate`` changed, and what it did to the shifts and metrics.
 
     ``bool(report)`` is True when no recalibrated layer's shift afterwards reaches
-    ``threshold``.
+    ``threshold``, accuracy did not fall by more than ``max_accuracy_drop`` percentage points
+    (when set and labels were given), and the ONNX check (when run) passed.
     """
 
     model: str
@@ -432,6 +440,7 @@ class RecalibrationReport:
     threshold: float = 1.1
     output: str | None = None
     onnx: Any = None  # a ParityResult when --onnx was given
+    max_accuracy_drop: float | None = None  # percentage points; None: no accuracy guard
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     source: str | None = None
@@ -447,7 +456,22 @@ class RecalibrationReport:
     def __bool__(self) -> bool:
         shifts = [l.shift_after for l in self.recalibrated if l.shift_after == l.shift_after]
         ok = all(s < self.threshold for s in shifts)
-        return ok and (self.onnx is None or bool(self.onnx))
+        return ok and not self.accuracy_dropped and (self.onnx is None or bool(self.onnx))
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Accuracy before minus after, in percentage points (None without labels)."""
+        if self.before is None or self.after is None:
+            return None
+        return 100.0 * (self.before.accuracy - self.after.accuracy)
+
+    @property
+    def accuracy_dropped(self) -> bool:
+        """True when ``max_accuracy_drop`` is set and the accuracy fell by more."""
+        drop = self.accuracy_drop
+        # 1e-9: accuracies are ratios of counts; do not fail on float noise at the limit
+        return self.max_accuracy_drop is not None and drop is not None and (
+            drop > self.max_accuracy_drop + 1e-9)
 
     @property
     def verdict(self) -> str:
@@ -492,8 +516,12 @@ class RecalibrationReport:
                 "onnx": None if self.onnx is None else self.onnx.to_dict(),
                 "notes": list(self.notes),
                 "warnings": list(self.warnings),
+                "threshold": self.threshold,
+                "max_accuracy_drop": self.max_accuracy_drop,
                 "summary": {
                     "recalibrated": len(self.recalibrated),
+                    "accuracy_drop": self.accuracy_drop,
+                    "passed": bool(self),
                     "max_shift_before": max((l.shift_before for l in self.recalibrated), default=None),
                     "max_shift_after": max((l.shift_after for l in self.recalibrated), default=None),
                     "verdict": self.verdict,
@@ -520,7 +548,11 @@ class SwapEntry:
 
 @dataclass
 class SwapReport:
-    """What ``varshift.swap`` replaced. ``bool(report)``: every targeted regularizer swapped."""
+    """What ``varshift.swap`` replaced.
+
+    ``bool(report)`` is True when every targeted regularizer was swapped, the recalibration
+    (when run) passed and the ONNX check (when run) passed.
+    """
 
     model: str
     to: str
@@ -544,7 +576,8 @@ class SwapReport:
         return [e for e in self.entries if not e.swapped]
 
     def __bool__(self) -> bool:
-        return not self.skipped and (self.onnx is None or bool(self.onnx))
+        return (not self.skipped and (self.recalibration is None or bool(self.recalibration))
+                and (self.onnx is None or bool(self.onnx)))
 
     @property
     def verdict(self) -> str:
@@ -583,6 +616,7 @@ class SwapReport:
                 "summary": {
                     "swapped": len(self.swapped),
                     "skipped": len(self.skipped),
+                    "passed": bool(self),
                     "verdict": self.verdict,
                 },
             },

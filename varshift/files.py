@@ -1,0 +1,389 @@
+"""File-level functions: one per command. Each takes paths and options, loads, runs, saves
+the result in the input's own form, and returns the report.
+
+These are what the command line runs (``varshift <command>`` is parse -> one of these ->
+render), and what a Python user calls to fix a *file* rather than a module in memory::
+
+    rep = varshift.recalibrate_file("model.pt", "calib.pt", "fixed.pt", exact=True)
+    rep = varshift.swap_file("ckpt.pt", "swapped.pt", arch="net.py:build", data="calib.pt")
+
+Nothing here prints. Bad input raises a :class:`~varshift.errors.VarshiftError` before any
+output is written; every output path is checked up front and written atomically through
+:mod:`varshift._io` (one place), and never replaces an input file.
+
+Shared arguments (all keyword-only):
+
+* model options: ``arch`` (``pkg.module:fn`` or ``file.py:fn``, builds the module for a
+  state dict), ``arch_args`` (a dict, or its JSON text), ``trust`` (full unpickling; trusted
+  files only). Defaults: None, None, False.
+* data options: ``batch_size`` (64, for file data), ``max_batches`` (None: all),
+  ``device`` (``"auto"``: CUDA when available, else CPU; or ``"cpu"``, ``"cuda"``, a
+  ``torch.device``).
+* ``progress``: ``progress(batches_done, total_or_None)``, called while data streams.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from .errors import VarshiftError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .loading import LoadedModel
+    from .reports import ParityResult, ProbeReport, RecalibrationReport, ScanReport, SwapReport
+
+PathLike = Union[str, "os.PathLike[str]"]
+Progress = Callable[[int, "int | None"], None]
+
+#: The shift at or above which a layer counts as shifted (probe's and recalibrate's default
+#: ``fail_above``): the same line the reports' verdicts draw.
+DEFAULT_THRESHOLD = 1.1
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def parse_shape(shape: str | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` (or a tuple) -> ``(1, 3, 224, 224)``; None stays None.
+
+    Raises:
+        VarshiftError: not a list of positive integers.
+    """
+    if shape is None:
+        return None
+    if isinstance(shape, str):
+        try:
+            dims = tuple(int(s) for s in shape.split(",") if s.strip() != "")
+        except ValueError:
+            dims = ()
+    else:
+        dims = tuple(int(d) for d in shape)
+    if not dims or any(d <= 0 for d in dims):
+        raise VarshiftError(
+            f"--input-shape {shape!r} must be comma-separated positive integers, e.g. 1,3,224,224"
+        )
+    return dims
+
+
+def resolve_device(device: "str | torch.device | None" = "auto") -> "torch.device":
+    """``"auto"`` (or None) -> CUDA when available, else CPU; ``"cuda"`` must be available."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise VarshiftError(f"--device {device!r} is not a device; use cpu, cuda or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VarshiftError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def check_threshold(value: float | None, option: str = "--fail-above") -> None:
+    """A shift threshold is a ratio >= 1 (``inf``: never fail)."""
+    if value is not None and not value >= 1.0:
+        raise VarshiftError(f"{option} must be a ratio >= 1.0, got {value}")
+
+
+def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None:
+    """Before any work: every output path is writable, is none of the input files (model,
+    data), and no two outputs are the same file."""
+    from ._io import check_output_path
+
+    seen: dict[str, str] = {}
+    for what, path in outputs:
+        if path:
+            check_output_path(path, what, tuple(str(i) for i in inputs if i))
+            key = str(Path(path).resolve())
+            if key in seen:
+                raise VarshiftError(f"{what} and {seen[key]} are the same file: {path}")
+            seen[key] = what
+
+
+def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
+          trust: bool) -> "LoadedModel":
+    from .loading import load_model, parse_arch_args
+
+    args = parse_arch_args(arch_args) if isinstance(arch_args, str) or arch_args is None else arch_args
+    return load_model(model, arch=arch, arch_args=args, trust=trust)
+
+
+def _data(spec: PathLike, batch_size: int, max_batches: int | None):
+    from .data import load_data
+
+    return load_data(spec, batch_size=batch_size, max_batches=max_batches)
+
+
+def _onnx(module, out: PathLike | None, batches) -> "ParityResult | None":
+    if not out:
+        return None
+    from .export import export_onnx
+
+    return export_onnx(module, out, batches=batches)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def scan_file(
+    model: PathLike,
+    *,
+    arch: str | None = None,
+    arch_args: dict | str | None = None,
+    trust: bool = False,
+    input_shape: str | tuple[int, ...] | None = None,
+    fail_on: str = "error",
+    report: PathLike | None = None,
+) -> "ScanReport":
+    """Load ``model`` and scan its dataflow graph (``varshift scan``).
+
+    Args:
+        input_shape: an example input shape (``"1,3,224,224"``): traces models that torch.fx
+            cannot (default None: fx only).
+        fail_on: ``bool(report)`` is False when a finding reaches this severity (``error``,
+            the default; ``warning``; ``never``).
+        report: only checked here (it must not be an input and must be writable); the caller
+            renders and writes it (default None).
+    """
+    if fail_on not in ("error", "warning", "never"):
+        raise VarshiftError(f"--fail-on {fail_on!r}: choose one of error, warning, never")
+    shape = parse_shape(input_shape)
+    _check_outputs((model,), ("--report", report))
+    loaded = _load(model, arch, arch_args, trust)
+    from .inputs import example_input
+    from .rules import scan
+
+    rep = scan(loaded.module, example_input(loaded.module, shape) if shape else None)
+    rep.source = str(model)
+    rep.fail_on = fail_on
+    rep.notes[:0] = loaded.notes
+    return rep
+
+
+def probe_file(
+    model: PathLike,
+    data: PathLike,
+    *,
+    arch: str | None = None,
+    arch_args: dict | str | None = None,
+    trust: bool = False,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    seed: int = 0,
+    device: "str | torch.device | None" = "auto",
+    fail_above: float = DEFAULT_THRESHOLD,
+    report: PathLike | None = None,
+    progress: Progress | None = None,
+) -> "ProbeReport":
+    """Load ``model`` and ``data`` and measure every BatchNorm's shift (``varshift probe``).
+
+    Args:
+        seed: seeds the train-mode pass (dropout masks); default 0.
+        fail_above: ``bool(report)`` is False when a layer's shift reaches it (default 1.1;
+            ``float("inf")``: never).
+        report: only checked here (see :func:`scan_file`).
+    """
+    check_threshold(fail_above)
+    _check_outputs((model, data), ("--report", report))
+    dev = resolve_device(device)
+    loaded = _load(model, arch, arch_args, trust)
+    batches = _data(data, batch_size, max_batches)
+    from .probing import probe
+
+    rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
+                threshold=fail_above)
+    rep.source = str(model)
+    rep.notes[:0] = loaded.notes
+    return rep
+
+
+def recalibrate_file(
+    model: PathLike,
+    data: PathLike,
+    output: PathLike,
+    *,
+    exact: bool = False,
+    all_norms: bool = False,
+    eval_data: PathLike | None = None,
+    onnx: PathLike | None = None,
+    arch: str | None = None,
+    arch_args: dict | str | None = None,
+    trust: bool = False,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    device: "str | torch.device | None" = "auto",
+    fail_above: float = DEFAULT_THRESHOLD,
+    max_accuracy_drop: float | None = None,
+    report: PathLike | None = None,
+    progress: Progress | None = None,
+) -> "RecalibrationReport":
+    """Recalibrate the model in file ``model`` on ``data`` and write it to ``output`` in the
+    input's own form (``varshift recalibrate``).
+
+    A whole-module pickle is written as one; a checkpoint keeps its keys and layout, with only
+    the recalibrated BatchNorm buffers changed (on the CPU).
+
+    Args:
+        exact: the exact (inference-path) estimator instead of the population one.
+        all_norms: recalibrate every BatchNorm, not only the affected ones.
+        eval_data: held-out labelled data for accuracy and NLL before/after (default: none,
+            metrics are then on the calibration data).
+        onnx: also export the result there and check parity in onnxruntime.
+        fail_above: ``bool(report)`` is False when a recalibrated layer's shift afterwards
+            reaches it (default 1.1).
+        max_accuracy_drop: ``bool(report)`` is False when accuracy falls by more than this
+            many percentage points (default None: no guard).
+        report: only checked here (see :func:`scan_file`).
+    """
+    check_threshold(fail_above)
+    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
+        raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
+    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+                   ("--report", report))
+    dev = resolve_device(device)
+    loaded = _load(model, arch, arch_args, trust)
+    batches = _data(data, batch_size, max_batches)
+    held_out = _data(eval_data, batch_size, None) if eval_data else None
+    from .recalib import recalibrate
+    from .saving import norm_buffer_keys, save_like
+
+    fixed, rep = recalibrate(
+        loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
+        eval_batches=held_out, device=dev, progress=progress, threshold=fail_above,
+    )
+    rep.max_accuracy_drop = max_accuracy_drop
+    fixed = fixed.cpu()
+    changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
+    save_like(loaded, fixed, output, changed)
+    rep.output, rep.source = str(output), str(model)
+    rep.notes[:0] = loaded.notes
+    rep.onnx = _onnx(fixed, onnx, batches)
+    return rep
+
+
+def swap_file(
+    model: PathLike,
+    output: PathLike,
+    *,
+    to: str = "uout",
+    beta: float = 0.1,
+    data: PathLike | None = None,
+    exact: bool = False,
+    eval_data: PathLike | None = None,
+    onnx: PathLike | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    seed: int = 0,
+    arch: str | None = None,
+    arch_args: dict | str | None = None,
+    trust: bool = False,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    device: "str | torch.device | None" = "auto",
+    report: PathLike | None = None,
+    progress: Progress | None = None,
+) -> "SwapReport":
+    """Swap the regularizers that reach a BatchNorm for Uout in file ``model`` and write the
+    whole swapped module to ``output`` (``varshift swap``).
+
+    Args:
+        data: also recalibrate the swapped model on this data (default None: BatchNorm keeps
+            its statistics until the model is fine-tuned).
+        exact: recalibrate with the exact estimator (needs ``data``).
+        eval_data: held-out data for the recalibration's metrics (needs ``data``).
+        onnx: also export the result there and check parity (needs ``data`` or
+            ``input_shape`` for the inputs it checks).
+        input_shape: an example input shape for tracing (and for the ONNX check).
+        seed: seeds the random example input built from ``input_shape`` (default 0).
+        report: only checked here (see :func:`scan_file`).
+    """
+    shape = parse_shape(input_shape)
+    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+                   ("--report", report))
+    if eval_data and not data:
+        raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
+    if onnx and not (data or shape):
+        raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
+    dev = resolve_device(device)
+    loaded = _load(model, arch, arch_args, trust)
+    batches = _data(data, batch_size, max_batches) if data else None
+    held_out = _data(eval_data, batch_size, None) if eval_data else None
+    from ._io import write_with
+    from .inputs import example_input
+    from .swapping import swap
+
+    example = example_input(loaded.module, shape, seed=seed) if shape else None
+    if example is None and batches is not None:
+        example = next(iter(batches))[0][:1]
+    swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
+    if batches is not None:
+        from .recalib import recalibrate
+
+        swapped, rep.recalibration = recalibrate(
+            swapped.to(dev), batches, exact=exact, inplace=True, eval_batches=held_out,
+            device=dev, progress=progress,
+        )
+        swapped = swapped.cpu()
+    import torch
+
+    write_with(output, lambda tmp: torch.save(swapped, tmp))
+    rep.output, rep.source = str(output), str(model)
+    rep.notes[:0] = loaded.notes
+    if loaded.form != "module":
+        rep.notes.append(
+            f"{model} is a checkpoint, which cannot carry new layers: the output is a whole "
+            "module; to keep training from a checkpoint, build the model with varshift.Uout in "
+            "place of the swapped layers"
+        )
+    if rep.graph_module or loaded.form != "module":
+        rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
+    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
+    return rep
+
+
+def export_file(
+    model: PathLike,
+    output: PathLike,
+    *,
+    data: PathLike | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    seed: int = 0,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    arch: str | None = None,
+    arch_args: dict | str | None = None,
+    trust: bool = False,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    report: PathLike | None = None,
+) -> "ParityResult":
+    """Export the model in file ``model`` to ONNX at ``output`` and check parity in
+    onnxruntime (``varshift export``). The export always runs on the CPU.
+
+    Args:
+        data: check parity on these batches (or give ``input_shape``).
+        input_shape: the shape of a random example input when there is no ``data``.
+        seed: seeds that random example input (default 0).
+        atol, rtol: the parity tolerance (defaults 1e-4, 1e-3).
+        report: only checked here (see :func:`scan_file`).
+    """
+    shape = parse_shape(input_shape)
+    if not data and not shape:
+        raise VarshiftError("export needs --data DATA or --input-shape (e.g. 1,3,224,224) "
+                            "to build the inputs it checks")
+    if atol < 0 or rtol < 0:
+        raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
+    _check_outputs((model, data), ("--output", output), ("--report", report))
+    loaded = _load(model, arch, arch_args, trust)
+    batches = _data(data, batch_size, max_batches) if data else None
+    from .export import export_onnx
+    from .inputs import example_input
+
+    example = example_input(loaded.module, shape, seed=seed) if shape else None
+    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol)
+    rep.source = str(model)
+    return rep
