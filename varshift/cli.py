@@ -484,9 +484,14 @@ def _terminated(signum: int) -> int:
 
 
 def _main_unguarded(argv: list[str] | None) -> int:
+    from ._io import transaction
+
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
+        # One output transaction for the whole command: the model, --onnx and --report files
+        # are renamed into place together at the end, or none of them is.
+        with transaction():
+            rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
     except VarshiftError as exc:
         print(f"varshift: error: {exc}", file=sys.stderr)
         return 2

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from ._io import atomic_path, check_output_path
-from .errors import VarshiftError
+from ._io import atomic_path, check_output_path, is_write_failure
+from .errors import OutputError, VarshiftError
 from .reports import ParityCheck, ParityResult
 
 if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (STYLE.md, habit 8)
@@ -272,6 +272,9 @@ def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
             try:
                 _run_exporter(exporter, model, trace_input, tmp, opset)
             except Exception as exc:  # any exporter failure: try the next, then report
+                if is_write_failure(exc):  # a full disk is not the model's fault
+                    raise OutputError(f"cannot write the ONNX file ({_one_line(exc)}); "
+                                      "nothing was written") from exc
                 failed = exc
             else:
                 failed = None

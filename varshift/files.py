@@ -91,18 +91,28 @@ def check_threshold(value: float | None, option: str = "--fail-above") -> None:
 
 
 def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None:
-    """Before any work: every output path is writable, is none of the input files (model,
-    data), and no two outputs are the same file."""
-    from ._io import check_output_path
+    """Before any work: every output path is writable (a file is created and removed next
+    to it), is none of the files the run reads (``inputs``: paths and ``file.py:fn`` /
+    ``pkg.module:fn`` specs, through symlinks and hard links), and no two outputs are the same
+    file. See :func:`varshift._io.check_outputs`."""
+    from ._io import check_outputs
 
-    seen: dict[str, str] = {}
-    for what, path in outputs:
-        if path:
-            check_output_path(path, what, tuple(str(i) for i in inputs if i))
-            key = str(Path(path).resolve())
-            if key in seen:
-                raise VarshiftError(f"{what} and {seen[key]} are the same file: {path}")
-            seen[key] = what
+    check_outputs(inputs, *outputs)
+
+
+def _outputs_together(fn: Callable) -> Callable:
+    """Run ``fn`` in one output transaction: the files it writes are staged and renamed
+    together at the end, or all removed when it fails (see :func:`varshift._io.transaction`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ._io import transaction
+
+        with transaction():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
@@ -130,6 +140,7 @@ def _onnx(module, out: PathLike | None, batches) -> "ParityResult | None":
 # --------------------------------------------------------------------------- commands
 
 
+@_outputs_together
 def scan_file(
     model: PathLike,
     *,
@@ -153,7 +164,7 @@ def scan_file(
     if fail_on not in ("error", "warning", "never"):
         raise VarshiftError(f"--fail-on {fail_on!r}: choose one of error, warning, never")
     shape = parse_shape(input_shape)
-    _check_outputs((model,), ("--report", report))
+    _check_outputs((model, arch), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     from .inputs import example_input
     from .rules import scan
@@ -165,6 +176,7 @@ def scan_file(
     return rep
 
 
+@_outputs_together
 def probe_file(
     model: PathLike,
     data: PathLike,
@@ -189,7 +201,7 @@ def probe_file(
         report: only checked here (see :func:`scan_file`).
     """
     check_threshold(fail_above)
-    _check_outputs((model, data), ("--report", report))
+    _check_outputs((model, data, arch), ("--report", report))
     dev = resolve_device(device)
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches)
@@ -202,6 +214,7 @@ def probe_file(
     return rep
 
 
+@_outputs_together
 def recalibrate_file(
     model: PathLike,
     data: PathLike,
@@ -243,7 +256,7 @@ def recalibrate_file(
     check_threshold(fail_above)
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     dev = resolve_device(device)
     loaded = _load(model, arch, arch_args, trust)
@@ -266,6 +279,7 @@ def recalibrate_file(
     return rep
 
 
+@_outputs_together
 def swap_file(
     model: PathLike,
     output: PathLike,
@@ -302,7 +316,7 @@ def swap_file(
         report: only checked here (see :func:`scan_file`).
     """
     shape = parse_shape(input_shape)
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     if eval_data and not data:
         raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
@@ -345,6 +359,7 @@ def swap_file(
     return rep
 
 
+@_outputs_together
 def export_file(
     model: PathLike,
     output: PathLike,
@@ -377,7 +392,7 @@ def export_file(
                             "to build the inputs it checks")
     if atol < 0 or rtol < 0:
         raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
-    _check_outputs((model, data), ("--output", output), ("--report", report))
+    _check_outputs((model, data, arch), ("--output", output), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches) if data else None
     from .export import export_onnx
