@@ -166,6 +166,8 @@ def check_onnx_parity(
 def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None,
              atol: float, rtol: float) -> tuple[nn.Module, tuple, list]:
     """An eval-mode CPU copy of ``model``, the example inputs and the parity batches (CPU)."""
+    import torch
+
     for label, tol in (("atol", atol), ("rtol", rtol)):
         if not tol >= 0:
             raise VarshiftError(f"{label} must be a number >= 0, got {tol}")
@@ -177,10 +179,14 @@ def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None
         raise ExportError(f"cannot copy {type(model).__name__} for export (the original is "
                           f"never changed): {_one_line(exc)}") from exc
     work = work.to("cpu").eval()
-    example = tuple(t.to("cpu") for t in example)
-    batch_list = [tuple(t.to("cpu") for t in b) for b in batch_list]
+    # The same input handling as probe and recalibrate: integer images (and float64 data)
+    # take the model's floating dtype; token ids stay integers for models that embed them.
+    from .inputs import input_preparer
+
+    prepare = input_preparer(work, torch.device("cpu"))
+    example = tuple(prepare(t) for t in example)
+    batch_list = [tuple(prepare(t) for t in b) for b in batch_list]
     # Inputs that do not fit are a data problem; say so before an exporter buries it.
-    import torch
 
     with torch.no_grad(), _captured_output():
         try:

@@ -103,10 +103,11 @@ def recalibrate(
     evaluation = as_batches(eval_batches) if held_out else cal
 
     before_stats = before_metrics = None
+    why_no_metrics: list[str] = []  # held-out data that cannot be scored is said, not dropped
     if measure:
         before_stats, before_metrics = measure_eval(fixed, cal, prepare, norms)
         if held_out:
-            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True, why=why_no_metrics)
     snapshot = {
         name: (m.running_mean.detach().double().mean().item(),
                m.running_var.detach().double().mean().item())
@@ -150,6 +151,9 @@ def recalibrate(
                 running_mean_after=m.running_mean.double().mean().item(),
             )
         )
+    if why_no_metrics:
+        notes.append(f"no held-out accuracy or NLL: --eval-data {getattr(evaluation, 'source', '')} "
+                     f"cannot be scored ({why_no_metrics[0]})")
     if measure and not held_out and before_metrics is not None:
         notes.append("accuracy and NLL are on the calibration data, not held out (pass --eval-data)")
     report = RecalibrationReport(
@@ -336,38 +340,46 @@ def _shift(stats: InputStats, name: str, running_var_mean: float) -> float:
 
 
 class _MetricSums:
+    """Accuracy and NLL sums over labelled batches; ``reason`` says why there are none."""
+
     def __init__(self) -> None:
         self.correct = 0
         self.nll = 0.0
         self.n = 0
-        self.usable = True
+        self.reason: str | None = None  # set once: the first batch that cannot be scored
+
+    def _unusable(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
 
     def add(self, out: Any, y: torch.Tensor | None) -> None:
-        if y is None or not self.usable:
-            self.usable = self.usable and y is not None
+        if self.reason is not None:
             return
+        if y is None:
+            return self._unusable("it has no labels")
         logits = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(logits, dict):
             logits = next(iter(logits.values()))
-        if (
-            not isinstance(logits, torch.Tensor)
-            or logits.ndim != 2
-            or y.ndim != 1
-            or y.is_floating_point()
-            or logits.shape[0] != y.shape[0]
-        ):
-            self.usable = False
-            return
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            return self._unusable(f"the model's output ({shape}) is not (N, classes) logits")
+        if y.is_floating_point() or y.dtype == torch.bool:
+            return self._unusable(f"its labels are {str(y.dtype).replace('torch.', '')}, not "
+                                  "integer class indices")
+        if y.ndim != 1 or logits.shape[0] != y.shape[0]:
+            return self._unusable(f"its labels of shape {tuple(y.shape)} do not match the "
+                                  f"model's output {tuple(logits.shape)}")
         y = y.to(logits.device)
-        if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
-            self.usable = False
-            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            return self._unusable(f"its labels span {lo}..{hi}, outside the model's "
+                                  f"{logits.shape[1]} classes (0..{logits.shape[1] - 1})")
         self.correct += int((logits.argmax(1) == y).sum())
         self.nll += float(F.cross_entropy(logits.double(), y, reduction="sum"))
         self.n += y.shape[0]
 
     def result(self, held_out: bool) -> Metrics | None:
-        if not self.usable or self.n == 0:
+        if self.reason is not None or self.n == 0:
             return None
         return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
 
@@ -390,11 +402,15 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
     return stats, sums.result(held_out=False)
 
 
-def metrics_on(model, batches, prepare, held_out: bool) -> Metrics | None:
-    """Accuracy and NLL of the eval-mode model on labelled ``batches`` (None without labels)."""
+def metrics_on(model, batches, prepare, held_out: bool, why: list[str] | None = None) -> Metrics | None:
+    """Accuracy and NLL of the eval-mode model on labelled ``batches``; None when they cannot
+    be computed, with the reason appended to ``why`` (no labels, float labels, labels out of
+    the model's class range, outputs that are not logits)."""
     sums = _MetricSums()
     with preserved_modes(model), torch.no_grad():
         model.eval()
         for index, (x, y) in enumerate(batches):
             sums.add(forward(model, prepare(x), index), y)
+    if sums.reason is not None and why is not None:
+        why.append(sums.reason)
     return sums.result(held_out)
