@@ -186,10 +186,19 @@ def check_outputs(inputs: Iterable, *outputs: "tuple[str, str | os.PathLike | No
         if path is None:
             continue
         checked = check_output_path(path, what, inputs)
+        if _is_char_device(checked):  # several outputs may go to /dev/null
+            continue
         for other, other_what in seen:
             if _same_file(checked, other):
                 raise OutputError(f"{what} and {other_what} are the same file: {path}")
         seen.append((checked, what))
+
+
+def _is_char_device(path: Path) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- transactions
@@ -267,7 +276,7 @@ def _signals_blocked() -> Iterator[None]:
 
 
 def _install(tmp: Path, target: Path) -> None:
-    if target.exists() and stat.S_ISCHR(target.stat().st_mode):
+    if _is_char_device(target):
         with tmp.open("rb") as src, target.open("wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.unlink()
@@ -276,9 +285,41 @@ def _install(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _write_error(target: Path, exc: BaseException) -> OutputError:
-    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+def _write_error(target: Path, exc: BaseException, written: int | None = None) -> OutputError:
+    """One line for a failed write. Writers that hide the OS error (torch.save's C++ zip
+    writer says "unexpected pos 64 vs 0") get a diagnosis from the file system instead."""
+    reason = _errno_reason(exc) or _diagnose(target, written)
+    if reason is None:
+        text = str(exc).strip().splitlines()
+        reason = text[0][:200] if text else type(exc).__name__
     return OutputError(f"cannot write {target} ({reason}); nothing was written")
+
+
+def _errno_reason(exc: BaseException | None) -> str | None:
+    for _ in range(10):
+        if exc is None:
+            return None
+        if isinstance(exc, OSError) and exc.strerror:
+            return exc.strerror
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _diagnose(target: Path, written: int | None) -> str | None:
+    """Why a write may have failed, from the outside: a full file system or the process's
+    file-size limit (``ulimit -f``)."""
+    folder = Path(os.path.realpath(target)).parent
+    with contextlib.suppress(OSError, AttributeError):
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return "No space left on device"
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and written is not None and written >= limit - 4096:
+            return f"File too large: the file-size limit (ulimit -f) is {limit} bytes"
+    return None
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -292,7 +333,8 @@ def is_write_failure(exc: BaseException) -> bool:
         text = str(exc)
         if any(s in text for s in ("No space left", "Disk quota", "File too large",
                                    "Read-only file system", "file write failed",
-                                   "failed writing file")):
+                                   "failed writing file", "PytorchStreamWriter",
+                                   "inline_container.cc")):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
@@ -307,7 +349,7 @@ def atomic_path(target: "str | os.PathLike") -> Iterator[Path]:
     disk, ...) becomes an OutputError."""
     target = Path(target)
     real = Path(os.path.realpath(target))
-    device = real.exists() and stat.S_ISCHR(real.stat().st_mode)
+    device = _is_char_device(real)
     folder = Path(tempfile.gettempdir()) if device else real.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=folder)
@@ -318,10 +360,13 @@ def atomic_path(target: "str | os.PathLike") -> Iterator[Path]:
     try:
         yield tmp_path
     except BaseException as exc:
+        written = None
         with contextlib.suppress(OSError):
+            written = tmp_path.stat().st_size
             tmp_path.unlink()
-        if isinstance(exc, Exception) and not isinstance(exc, OutputError) and is_write_failure(exc):
-            raise _write_error(target, exc) from exc
+        if isinstance(exc, Exception) and not isinstance(exc, OutputError) and (
+                is_write_failure(exc) or _diagnose(target, written)):
+            raise _write_error(target, exc, written) from exc
         raise
     with _lock:
         txn = _active[0] if _active else None
