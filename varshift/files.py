@@ -332,7 +332,10 @@ def swap_file(
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
     if example is None and batches is not None:
-        example = next(iter(batches))[0][:1]
+        from .inputs import input_preparer
+
+        # cast as every command casts its batches (integer images -> the model's dtype)
+        example = input_preparer(loaded.module)(next(iter(batches))[0][:1])
     swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
     if batches is not None:
         from .recalib import recalibrate
