@@ -173,7 +173,7 @@ def _sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError):
+        except Exception:  # BadZipFile, OSError, and whatever a damaged directory raises
             raise LoadError(f"{path} is truncated or corrupt (a damaged zip archive); {SUPPORTED}")
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise LoadError(
