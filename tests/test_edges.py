@@ -655,3 +655,22 @@ def test_fifo_as_input_is_refused_without_blocking(files, tmp_path):
     os.mkfifo(fifo)
     usage_error(run("scan", fifo), "FIFO")
     usage_error(run("probe", files["model"], "--data", fifo), "FIFO")
+
+
+# --------------------------------------------------------------------------- 5b. zero spread
+
+
+def test_constant_data_never_writes_a_zero_running_var(files, tmp_path):
+    """All-zero data: the conv's output is its bias, constant per channel. recalibrate refuses
+    (a running_var of 0 would blow the norm's outputs up); probe flags an infinite shift and
+    exits 1."""
+    x, y = EM.tiny_data()
+    torch.save((torch.zeros_like(x), y), tmp_path / "zeros.pt")
+    for extra in ([], ["--exact"]):
+        result = run("recalibrate", files["model"], "--data", tmp_path / "zeros.pt",
+                     "-o", tmp_path / "fixed.pt", *extra)
+        usage_error(result, "constant inputs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zeros.pt"]
+    probe = run("probe", files["model"], "--data", tmp_path / "zeros.pt", "--format", "json")
+    assert probe.code == 1, probe.err
+    assert json.loads(probe.out)["summary"]["max_shift"] in (float("inf"), None, "inf")

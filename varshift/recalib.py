@@ -33,7 +33,7 @@ from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
-from .stats import ChannelMoments, require_finite
+from .stats import ChannelMoments, require_finite, require_spread
 
 
 def recalibrate(
@@ -183,6 +183,7 @@ def _write(m: nn.Module, moments: ChannelMoments, n_batches: int, name: str = ""
         DataError: the statistics are not finite (nothing is written to that norm).
     """
     require_finite(moments, name, "recalibrated")
+    require_spread(moments, name)
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
     if m.num_batches_tracked is not None:
@@ -206,8 +207,10 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
             n_batches += 1
             if progress is not None:
                 progress(n_batches, total)
-    for name in targets:  # all or nothing: no norm is written when one overflowed
-        require_finite(stats.moments[name], name, "recalibrated")
+    for name in targets:  # all or nothing: no norm is written when one is unusable
+        if stats.moments[name].mean is not None:
+            require_finite(stats.moments[name], name, "recalibrated")
+            require_spread(stats.moments[name], name)
     with torch.no_grad():
         for name in targets:
             if stats.moments[name].mean is not None:

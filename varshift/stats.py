@@ -94,3 +94,20 @@ def require_finite(moments: ChannelMoments, layer: str, what: str) -> None:
         "holds values too large for the model's dtype, or the model produces inf/NaN on it; "
         "scale the data as in training"
     )
+
+
+def require_spread(moments: ChannelMoments, layer: str) -> None:
+    """Raise a one-line DataError when every channel of ``layer``'s input had zero variance.
+
+    Statistics from constant inputs (all-zero or all-equal calibration data, or a layer the
+    data never excites) would set ``running_var`` to 0: the norm would then divide by
+    ``sqrt(eps)`` and blow its outputs up. A fix must not be written from them.
+    """
+    if moments.m2 is None or bool((moments.m2 > 0).any()):
+        return
+    from .errors import DataError
+
+    raise DataError(
+        f"the calibration data gives {layer or '(root)'} constant inputs (zero variance in "
+        "every channel); recalibrating on it would zero its running variance: use varied data"
+    )
