@@ -232,32 +232,31 @@ class _Transaction:
                 self.staged.clear()
 
 
-_active: list[_Transaction] = []
-_lock = threading.Lock()
+#: The open transaction of each thread: threads that write files at the same time through
+#: the API must not commit or discard each other's outputs.
+_local = threading.local()
+
+
+def _current() -> "_Transaction | None":
+    return getattr(_local, "txn", None)
 
 
 @contextlib.contextmanager
 def transaction() -> Iterator[None]:
     """Within it, :func:`atomic_path` stages its file; at the end every staged file is
     renamed onto its target (on success) or removed (on any exception, interrupt or signal).
-    A transaction inside another joins the outer one."""
-    with _lock:
-        outer = bool(_active)
-        if not outer:
-            _active.append(_Transaction())
-        txn = _active[0]
-    if outer:
+    A transaction inside another (in the same thread) joins the outer one."""
+    if _current() is not None:
         yield
         return
+    txn = _local.txn = _Transaction()
     try:
         yield
     except BaseException:
-        with _lock:
-            _active.clear()
+        _local.txn = None
         txn.discard()
         raise
-    with _lock:
-        _active.clear()
+    _local.txn = None
     txn.commit()
 
 
@@ -368,11 +367,10 @@ def atomic_path(target: "str | os.PathLike") -> Iterator[Path]:
                 is_write_failure(exc) or _diagnose(target, written)):
             raise _write_error(target, exc, written) from exc
         raise
-    with _lock:
-        txn = _active[0] if _active else None
-        if txn is not None:
-            txn.staged.append((tmp_path, real))
-            return
+    txn = _current()
+    if txn is not None:
+        txn.staged.append((tmp_path, real))
+        return
     try:
         _install(tmp_path, real)
     except OSError as exc:
