@@ -13,13 +13,20 @@ mkdir -p "$OUT"
 status=0
 
 # step EXPECTED_EXIT WHY command...
-# Prints the command so that it can be pasted (arguments shell-quoted), runs it, and says what
-# its exit code means here.
+# Prints the command so that it can be pasted from the repository root (arguments quoted as a
+# person would type them), runs it, and says what its exit code means here.
 step() {
     local expected=$1 why=$2
     shift 2
     printf '\n$'
-    printf ' %q' "$@" | sed "s| $V | varshift |; s|^ $V | varshift |"
+    local arg
+    for arg in "$@"; do
+        if [[ "$arg" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
+            printf ' %s' "$arg"
+        else  # single quotes, as a person would type it
+            printf " '%s'" "${arg//\'/\'\\\'\'}"
+        fi
+    done
     printf '\n'
     "$@"
     local rc=$?
