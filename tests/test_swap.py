@@ -293,6 +293,9 @@ def test_swapped_checkpoint_model_reloads_with_its_arch(tmp_path: Path) -> None:
     assert scanned.code == 0, scanned.err
     regs = json.loads(scanned.out)["regularizers"]
     assert [(r["name"], r["type"], r["p"]) for r in regs] == [("drop", "Uout", 0.1)]
+    notes = json.loads(scanned.out)["notes"]  # --arch was needed (its class is in the pickle)
+    assert any("used only to import its classes" in n for n in notes), notes
+    assert not any("not needed" in n for n in notes), notes
 
 
 def _mynet_state(folder: Path) -> dict:
