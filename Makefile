@@ -1,10 +1,12 @@
 # varshift: the two commands the README promises, on a fresh clone.
 #   make demo   create .venv and run the whole path on a shipped sample model
-#   make test   create the venvs and run the whole test suite (what CI runs)
+#   make test   create the venvs, run ruff and mypy on varshift/ and the whole test suite
+#               (what CI runs)
 
 PY        ?= python3
 VENV      ?= .venv
 ARCH_VENV ?= .venv-arch
+LINT_VENV ?= .venv-lint
 OUT       ?= out
 PIP_FLAGS ?= -q --disable-pip-version-check
 
@@ -18,7 +20,7 @@ ARCH_TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 TIMM      ?= timm==1.0.31
 
-.PHONY: demo test test-core test-arch bench clean
+.PHONY: demo test lint test-core test-arch bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,10 +34,20 @@ $(ARCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
 	touch $@
 
+# ruff and mypy only (no torch): fast, and mypy checks varshift's own types (pyproject.toml).
+$(LINT_VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt ruff mypy
+	touch $@
+
 demo: $(VENV)/.installed
 	VENV=$(VENV) OUT=$(OUT) bash scripts/demo.sh
 
-test: test-core test-arch
+test: lint test-core test-arch
+
+lint: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check varshift
+	$(LINT_VENV)/bin/mypy
 
 test-core: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not arch"
@@ -49,4 +61,4 @@ bench: $(ARCH_VENV)/.installed
 	$(ARCH_VENV)/bin/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(ARCH_VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(ARCH_VENV) $(LINT_VENV) $(OUT) .pytest_cache

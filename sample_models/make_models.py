@@ -251,7 +251,7 @@ def output_stats(model: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Te
 
 
 def predicted_shift(model: nn.Module, feeder: str, p: float, x: torch.Tensor) -> float:
-    """DESIGN.md's prediction for a BN right after dropout(p) whose input is ``feeder``'s output.
+    """The predicted shift (docs/concepts.md) for a BN right after dropout(p) fed by ``feeder``.
 
     Inverted dropout turns a channel with mean c and variance v into one with variance
     (v + p c^2) / (1 - p); the prediction compares the channel means of both variances.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +28,45 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="Regenerate tests/golden/* from the current renderers instead of comparing.",
     )
+
+
+# JSON documents checked against the shipped schemas in this run, by schema id.
+VALIDATED: collections.Counter[str] = collections.Counter()
+
+
+def validate_document(doc: dict) -> None:
+    """Check one report document against its JSON Schema (varshift/schemas/)."""
+    from varshift import schema
+
+    schema.validate(doc)
+    VALIDATED[doc["schema"]] += 1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _validate_every_report():
+    """Every report document the suite produces (``to_dict()``: the API, the CLI's --format
+    json and --report, nested recalibration / ONNX results) is validated against its schema
+    on the way out; a mismatch fails the test that produced it."""
+    import jsonschema  # noqa: F401  (the test extra; fail here, not in the middle of a test)
+
+    from varshift import reports
+
+    original = reports._document
+
+    def checked(name: str, body: dict) -> dict:
+        doc = original(name, body)
+        validate_document(doc)
+        return doc
+
+    reports._document = checked
+    yield
+    reports._document = original
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if VALIDATED:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(VALIDATED.items()))
+        terminalreporter.write_line(f"JSON reports validated against their schemas: {counts}")
 
 
 @pytest.fixture
@@ -97,7 +138,20 @@ def run_module(*argv: object, cwd: Path | None = None, **env: str) -> Result:
         env=subprocess_env(**env),
         timeout=120,
     )
+    _validate_if_report(proc.stdout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _validate_if_report(text: str) -> None:
+    """Validate stdout that is a JSON report (a subprocess's documents bypass the hook)."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(doc, dict) and str(doc.get("schema", "")).startswith("varshift."):
+        validate_document(doc)
 
 
 @pytest.fixture

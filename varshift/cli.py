@@ -24,7 +24,7 @@ import typer
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click
 except ImportError:  # pragma: no cover - older typer on top of click
-    from click import exceptions as _click  # type: ignore[no-redef]
+    from click import exceptions as _click
 
 from ._version import __version__
 from .errors import VarshiftError
@@ -513,12 +513,13 @@ def _main_unguarded(argv: list[str] | None) -> int:
     except typer.Exit as exc:
         rv = int(getattr(exc, "exit_code", 0) or 0)
     except _click.ClickException as exc:
+        message, code = exc.format_message(), int(exc.exit_code)
         if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # bare `varshift`: help
-            print(exc.format_message(), file=sys.stderr)
-            return int(exc.exit_code)
+            print(message, file=sys.stderr)
+            return code
         # usage errors (unknown option, bad choice, missing argument): one line
-        print(f"varshift: error: {exc.format_message()}", file=sys.stderr)
-        return int(exc.exit_code)
+        print(f"varshift: error: {message}", file=sys.stderr)
+        return code
     except Exception as exc:
         traceback.print_exc()
         print(

@@ -1,6 +1,6 @@
 """Calibration data: files and callables -> a re-iterable sequence of ``(inputs, labels)`` batches.
 
-Formats (DESIGN.md): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)``, a dict with
+Formats (docs/cli.md, DATA): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)``, a dict with
 ``inputs``/``x`` and optional ``labels``/``y``, or a TensorDataset; read with
 ``weights_only=True``), ``.npy``, ``.npz`` (arrays ``inputs``/``x`` and ``labels``/``y``, or a
 single array), and ``pkg.module:callable`` / ``file.py:callable`` returning an iterable of
@@ -13,7 +13,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 import numpy as np
 import torch
@@ -391,9 +391,9 @@ def as_batches(batches: Iterable[Any], once: bool = False) -> Iterable[Batch]:
         return Calibration("batches", lambda: iter([batches]))
     if iter(batches) is batches:  # a one-shot iterator
         if once:
-            return Calibration("batches", lambda: batches)
+            return Calibration("batches", lambda: iter(batches))  # the iterator itself
         batches = list(batches)
-    n = len(batches) if hasattr(batches, "__len__") else None
+    n = len(batches) if isinstance(batches, Sized) else None
     return Calibration("batches", lambda: iter(batches), n_batches=n)
 
 

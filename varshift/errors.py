@@ -1,4 +1,4 @@
-"""User errors.
+"""User errors: every exception class varshift raises on purpose lives here.
 
 Every :class:`VarshiftError` is a problem with the input or the usage (a missing file, a
 refused pickle, data that does not fit the model, ...). The CLI prints its message as one
@@ -40,6 +40,19 @@ class TraceError(VarshiftError):
 
 class DataError(VarshiftError):
     """Calibration data is missing, unreadable, or does not fit the model."""
+
+
+class ExportError(VarshiftError):
+    """The model could not be exported to ONNX, or the exported file is not valid ONNX.
+
+    Attributes:
+        log: what the exporters wrote to stdout / stderr and the warnings they raised while
+            trying (swallowed during the export), for debugging.
+    """
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class OutputError(VarshiftError):

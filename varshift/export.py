@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._io import atomic_path, check_output_path, is_write_failure
-from .errors import OutputError, VarshiftError
+from .errors import ExportError, OutputError, VarshiftError
 from .reports import ParityCheck, ParityResult
 
-if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (STYLE.md, habit 8)
+if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (so that `varshift --help` stays instant)
     import numpy as np
     import torch
     import torch.nn as nn
@@ -51,19 +51,6 @@ REL_FLOOR = 1e-6
 
 EXPORTER_DYNAMO = "torch.export"
 EXPORTER_TORCHSCRIPT = "torchscript"
-
-
-class ExportError(VarshiftError):
-    """The model could not be exported to ONNX, or the exported file is not valid ONNX.
-
-    Attributes:
-        log: what the exporters wrote to stdout / stderr and the warnings they raised while
-            trying (swallowed during the export), for debugging.
-    """
-
-    def __init__(self, message: str, log: str = "") -> None:
-        super().__init__(message)
-        self.log = log
 
 
 # --------------------------------------------------------------------------- public API
@@ -272,6 +259,7 @@ def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
     errors: list[tuple[str, BaseException]] = []
     logs: list[str] = []
     for exporter in (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT):
+        failed: Exception | None
         with contextlib.suppress(OSError):
             tmp.unlink()  # a failed attempt may leave a partial file
         with _captured_output() as log:

@@ -295,7 +295,12 @@ def _fx_view_chain(arg: Any) -> list[torch.fx.Node]:
 
 def _nodes_in(obj: Any) -> list[torch.fx.Node]:
     found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg(obj, lambda n: found.append(n) or n)
+
+    def collect(n: torch.fx.Node) -> torch.fx.Node:
+        found.append(n)
+        return n
+
+    torch.fx.node.map_arg(obj, collect)
     return found
 
 

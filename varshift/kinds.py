@@ -217,7 +217,7 @@ def _first_number(obj: Any, attrs: tuple[str, ...]) -> float | None:
         value = getattr(obj, attr, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
+        if value is not None and hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
             return float(value.item())
     return None
 

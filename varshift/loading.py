@@ -608,8 +608,10 @@ def load_model(
     path = Path(path)
     check_readable(path)
     _sniff(path)
+    arch_module = None
     if arch:
-        resolve_arch(arch)  # fail early on a bad --arch; its classes may be in the pickle
+        # fail early on a bad --arch; its classes may be in the pickle
+        arch_module = getattr(resolve_arch(arch), "__module__", None)
     obj = _torch_load(path, trust)
     found = find_state_dict(obj)
     if found is None:
@@ -624,7 +626,11 @@ def load_model(
             trusted=trust,
         )
         if arch:
-            loaded.notes.append(f"{path} holds a whole module; --arch {arch} was not needed")
+            uses = arch_module is not None and any(
+                type(m).__module__ == arch_module for m in value.modules())
+            loaded.notes.append(
+                f"{path} holds a whole module; --arch {arch} was used only to import its classes"
+                if uses else f"{path} holds a whole module; --arch {arch} was not needed")
         return loaded
     if not arch:
         raise LoadError(

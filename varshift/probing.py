@@ -108,7 +108,7 @@ def probe(
     # a generator is streamed (not materialized) and a data callable is called once.
     first, stream = peek(cal)
     scan_report, _ = scan_for(model, prepare(first[0]))
-    first = None
+    del first
     affected = {n.name: n for n in scan_report.norms}
 
     n_batches = samples = 0
@@ -181,6 +181,7 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
     rv = module.running_var.detach().double().cpu()
     rm = module.running_mean.detach().double().cpu()
     eps = float(getattr(module, "eps", 1e-5))
+    assert ev.mean is not None  # every norm saw data
     e_var, e_mean = ev.var.cpu(), ev.mean.cpu()
     if tr.mean is not None:
         t_var_mean, t_mean_mean = tr.var.mean().item(), tr.mean.mean().item()

@@ -1,6 +1,6 @@
 """Recompute BatchNorm running statistics with every regularizer off.
 
-Two estimators (DESIGN.md, issue "recalibrate"):
+Two estimators (docs/concepts.md, "Estimators"):
 
 * ``population`` (default): one pass with the model in eval mode (regularizers off) except the
   norms, which normalize with batch statistics as in training. Each target norm's new
@@ -83,7 +83,7 @@ def recalibrate(
     first, stream = peek(cal)
     scan_report, graph = scan_for(fixed, prepare(first[0]))
     data = stream if single_pass else cal
-    first = stream = None
+    del first, stream
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
@@ -100,7 +100,7 @@ def recalibrate(
         )
 
     held_out = eval_batches is not None
-    evaluation = as_batches(eval_batches) if held_out else cal
+    evaluation = as_batches(eval_batches) if eval_batches is not None else cal
 
     before_stats = before_metrics = None
     why_no_metrics: list[str] = []  # held-out data that cannot be scored is said, not dropped
@@ -180,8 +180,9 @@ def _write(m: nn.Module, moments: ChannelMoments, n_batches: int, name: str = ""
     """Store new statistics in the norm's own buffers (same tensors, dtype and device).
 
     Raises:
-        DataError: the statistics are not finite (nothing is written to that norm).
+        DataError: the statistics are not finite, or constant (nothing is written to that norm).
     """
+    assert moments.mean is not None
     require_finite(moments, name, "recalibrated")
     require_spread(moments, name)
     m.running_mean.copy_(moments.mean.to(m.running_mean))

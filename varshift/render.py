@@ -81,6 +81,18 @@ def _fmt_p(value: float | None) -> str:
     return "?" if value is None else f"{value:g}"
 
 
+def _fmt_rate(reg: Any) -> str:
+    """The regularizer's rate as the column shows it: ``0.5``, or ``beta=0.1`` for Uout
+    (whose ``p`` field holds its noise half-width, not a drop probability)."""
+    return f"beta={_fmt_p(reg.p)}" if reg.kind == "uout" else _fmt_p(reg.p)
+
+
+def _call(reg: Any) -> str:
+    """``Dropout(p=0.5)``, ``Uout(beta=0.1)``."""
+    rate = _fmt_rate(reg)
+    return f"{reg.type}({rate if '=' in rate else 'p=' + rate})"
+
+
 def _verdict_text(ok: bool, worst: str | None, verdict: str) -> Text:
     if ok and worst is None:
         return Text.assemble(("OK ", "bold green"), verdict)
@@ -153,14 +165,14 @@ def _(report: ScanReport):
     ]
     if report.findings:
         table = Table(title="Findings", title_justify="left")
-        for col in ("regularizer", "p", "direct norms", "downstream", "predicted shift",
+        for col in ("regularizer", "p", "direct norms", "norms reached", "predicted shift",
                     "severity", "remedy"):
             table.add_column(col, overflow="fold")
         for f in report.findings:
             reg = next(r for r in report.regularizers if r.name == f.regularizer)
             table.add_row(
                 f"{f.regularizer}\n[{reg.type}]",
-                _fmt_p(reg.p),
+                _fmt_rate(reg),
                 "\n".join(f.direct) or "-",
                 str(f.downstream_count),
                 _fmt_shift(f.predicted_shift) + (" (est.)" if f.predicted_shift else ""),
@@ -170,7 +182,7 @@ def _(report: ScanReport):
         parts.append(table)
     quiet = [r for r in report.regularizers if not any(f.regularizer == r.name for f in report.findings)]
     if quiet:
-        lines = [f"  {r.name} [{r.type}(p={_fmt_p(r.p)})]: {_why_quiet(r)}" for r in quiet]
+        lines = [f"  {r.name} [{_call(r)}]: {_why_quiet(r)}" for r in quiet]
         parts.append(Text("Regularizers with no finding:\n" + "\n".join(lines)))
     parts += _remarks_text(report)
     parts.append(_verdict_text(bool(report), _worst(report), report.verdict))
@@ -199,7 +211,7 @@ def _(report: ScanReport) -> str:
             reg = next(r for r in report.regularizers if r.name == f.regularizer)
             rows.append([
                 f"`{f.regularizer}` ({reg.type})",
-                _fmt_p(reg.p),
+                _fmt_rate(reg),
                 ", ".join(f"`{n}`" for n in f.direct) or "-",
                 str(f.downstream_count),
                 _fmt_shift(f.predicted_shift),
@@ -207,7 +219,7 @@ def _(report: ScanReport) -> str:
                 f.remedy,
             ])
         out.append(_md_table(
-            ["regularizer", "p", "direct norms", "downstream", "predicted shift", "severity",
+            ["regularizer", "p", "direct norms", "norms reached", "predicted shift", "severity",
              "remedy"], rows))
         out.append("")
     s = report.summary
@@ -230,7 +242,7 @@ def _fmt_diff(value: float) -> str:
     return "-" if value == float("inf") else f"{value:.2e}"
 
 
-def _fmt_size(size: int) -> str:
+def _fmt_size(size: float) -> str:
     for unit in ("B", "kB", "MB"):
         if size < 1000 or unit == "MB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -333,7 +345,88 @@ def _probe_facts(report) -> str:
     )
 
 
-from .reports import ProbeReport  # noqa: E402  (grouped with its renderers)
+from .reports import ProbeReport  # noqa: E402, I001  (grouped with its renderers)
+
+#: Probe columns (header, numeric: never wrapped), and the order in which they are left out
+#: when the console is too narrow to show every number on one line.
+_PROBE_COLUMNS = [("layer", False), ("regularizer upstream", False), ("running var", True),
+                  ("eval var", True), ("train var", True), ("shift", True), ("train/eval", True),
+                  ("channels med/max", True), ("", True)]
+_PROBE_DROP_ORDER = ["", "channels med/max", "train var", "running var", "eval var",
+                     "regularizer upstream"]
+_TEXT_WIDTH = 16  # layer and regularizer names fold beyond this
+_BAR_WIDTH = 16
+
+
+class _ProbeTable:
+    """The probe table, with as many columns as fit the console's width.
+
+    Numbers are never wrapped (a folded ``0.043|58`` reads as two numbers): when the table
+    does not fit, whole columns are left out, least important first, and a line says which.
+    """
+
+    def __init__(self, report: ProbeReport) -> None:
+        self.report = report
+        worst = report.worst.shift if report.worst else 1.0
+        self.scale = max(2.0, worst if worst == worst and worst != float("inf") else 2.0)
+
+    def _widths(self, split: bool) -> dict[str, int]:
+        """The width each column needs: numbers whole, text at most _TEXT_WIDTH (it folds);
+        ``split``: headers on two lines."""
+        rows = [[layer.name, _affected_cell(layer), *_probe_layer_cells(layer)]
+                for layer in self.report.layers]
+        widths = {}
+        for i, (header, numeric) in enumerate(_PROBE_COLUMNS[:-1]):
+            cells = [len(row[i]) for row in rows]
+            head = max(len(line) for line in _header(header, split).splitlines())
+            if numeric:
+                widths[header] = max(cells + [head])
+            else:
+                widths[header] = min(max(cells + [head]), _TEXT_WIDTH)
+        widths[""] = _BAR_WIDTH
+        return widths
+
+    def _table(self, hidden: set[str], widths: dict[str, int], split: bool) -> Table:
+        report = self.report
+        title = "Variance shift per BatchNorm (eval vs running"
+        title += ")" if "" in hidden else f"; bar: log scale 1x-{self.scale:.3g}x)"
+        table = Table(title=title, title_justify="left")
+        shown = [(h, numeric) for h, numeric in _PROBE_COLUMNS if h not in hidden]
+        for header, numeric in shown:
+            table.add_column(_header(header, split), no_wrap=numeric, overflow="fold",
+                             min_width=widths[header])
+        for layer in report.layers:
+            style = "bold" if layer.shift >= report.threshold else ""
+            cells: dict[str, Any] = dict(zip(
+                [h for h, _ in _PROBE_COLUMNS],
+                [Text(layer.name, style=style), _affected_cell(layer), *_probe_layer_cells(layer),
+                 _shift_bar(layer.shift, self.scale, report.threshold, _BAR_WIDTH)],
+            ))
+            table.add_row(*(cells[h] for h, _ in shown))
+        return table
+
+    def __rich_console__(self, console: Console, options: Any):
+        hidden: set[str] = set()
+
+        def needed(widths: dict[str, int]) -> int:  # cells, one space each side, the rules
+            return sum(w + 3 for h, w in widths.items() if h not in hidden) + 1
+
+        split = needed(self._widths(False)) > options.max_width
+        widths = self._widths(split)
+        for column in _PROBE_DROP_ORDER:
+            if needed(widths) <= options.max_width:
+                break
+            hidden.add(column)
+        yield self._table(hidden, widths, split)
+        named = [h for h in _PROBE_DROP_ORDER if h in hidden and h]
+        if named:
+            yield Text(f"({', '.join(named)} left out at this width; --format json or a wider "
+                       "terminal shows them)")
+
+
+def _header(header: str, split: bool) -> str:
+    """``"running var"`` -> ``"running\\nvar"`` when ``split`` (numeric columns never wrap)."""
+    return header.replace(" ", "\n", 1) if split else header
 
 
 @text.register
@@ -341,22 +434,7 @@ def _(report: ProbeReport):
     parts: list[Any] = [Text(_title("probe", report) + (f" on {report.data}" if report.data else ""),
                              style="bold")]
     if report.layers:
-        worst = report.worst.shift if report.worst else 1.0
-        scale = max(2.0, worst if worst == worst and worst != float("inf") else 2.0)
-        table = Table(title="Variance shift per BatchNorm (eval vs running; bar: log scale "
-                      f"1x-{scale:.3g}x)", title_justify="left")
-        for col in ("layer", "regularizer upstream", "running var", "eval var", "train var",
-                    "shift", "train/eval", "channels med/max", ""):
-            table.add_column(col, overflow="fold", no_wrap=col == "")
-        for layer in report.layers:
-            style = "bold" if layer.shift >= report.threshold else None
-            table.add_row(
-                Text(layer.name, style=style or ""),
-                _affected_cell(layer),
-                *_probe_layer_cells(layer),
-                _shift_bar(layer.shift, scale, report.threshold),
-            )
-        parts.append(table)
+        parts.append(_ProbeTable(report))
     parts.append(Text(_probe_facts(report)))
     parts += _remarks_text(report)
     parts.append(_status(bool(report), "OK", "SHIFTED", report.verdict))
@@ -411,11 +489,13 @@ _RECAL_COLUMNS = ["layer", "recalibrated", "shift before", "shift after", "runni
 
 
 def _recal_facts(report: RecalibrationReport) -> str:
-    text = (
-        f"estimator {report.estimator}: {plural(report.passes, 'pass', 'passes')} over "
-        f"{plural(report.batches, 'batch', 'batches')} "
-        f"({report.samples} samples)"
-    )
+    if report.passes == 0:  # nothing to recalibrate: the estimator never ran
+        text = f"estimator {report.estimator}: not run ({report.samples} calibration samples measured)"
+    else:
+        text = (
+            f"estimator {report.estimator}: {plural(report.passes, 'pass', 'passes')} over "
+            f"{plural(report.batches, 'batch', 'batches')} ({report.samples} samples)"
+        )
     if report.output:
         text += f"; wrote {report.output}"
     return text
@@ -465,7 +545,7 @@ def _(report: RecalibrationReport) -> str:
 
 def _swap_rows(report: SwapReport) -> list[list[str]]:
     return [
-        [e.name, f"{e.type}(p={_fmt_p(e.p)})", e.replaced_with or "-", e.reason or ""]
+        [e.name, _call(e), e.replaced_with or "-", e.reason or ""]
         for e in report.entries
     ]
 

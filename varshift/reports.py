@@ -1,6 +1,6 @@
 """Result objects. Pure data: the passes fill them, ``render`` displays them.
 
-Each report has ``to_dict()`` (the stable JSON documented in DESIGN.md, with ``schema`` and
+Each report has ``to_dict()`` (the stable JSON documented in docs/json.md and varshift/schemas/, with ``schema`` and
 ``varshift_version``) and answers "passed?" with ``__bool__``.
 """
 
@@ -131,13 +131,23 @@ class ScanReport:
                 f"{plural(len(self.norms), 'BatchNorm layer')})"
             )
         parts = []
-        shifting = [f for f in self.findings if f.rule == "regularizer-before-norm"]
+        # info findings (Uout, tiny p) predict a negligible shift: not "shifting"
+        shifting = [f for f in self.findings
+                    if f.rule == "regularizer-before-norm" and f.severity != "info"]
+        negligible = [f for f in self.findings
+                      if f.rule == "regularizer-before-norm" and f.severity == "info"]
         if shifting:
             worst = f", worst predicted shift {max(shifts):.2f}x" if shifts else ""
             parts.append(
                 f"{plural(len(shifting), 'regularizer')} "
                 f"{'shifts' if len(shifting) == 1 else 'shift'} the statistics of "
                 f"{len(affected)} of {plural(len(self.norms), 'BatchNorm layer')}{worst}"
+            )
+        if negligible:
+            parts.append(
+                f"{plural(len(negligible), 'regularizer')} "
+                f"{'reaches' if len(negligible) == 1 else 'reach'} a BatchNorm with a negligible "
+                "predicted shift (info)"
             )
         random = [f for f in self.findings if f.rule == "dropout-at-inference"]
         if random:
@@ -184,7 +194,7 @@ class ScanReport:
 
 @dataclass
 class LayerShift:
-    """Measured statistics of one norm's input (DESIGN.md "Words").
+    """Measured statistics of one norm's input (docs/concepts.md).
 
     Variances are channel means (``mean_c``) of per-channel population variances; ``shift``
     is ``max(r, 1/r)`` with ``r = eval_var_mean / running_var_mean``; ``train_shift`` compares

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from . import kinds
 from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
-from .reports import Finding, plural, severity_rank, NormEntry, RegularizerEntry, ScanReport
+from .reports import Finding, NormEntry, RegularizerEntry, ScanReport, plural, severity_rank
 
 if TYPE_CHECKING:
     import torch
@@ -122,6 +122,7 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
 
     for name, ops in reg_groups.items():
         first = ops[0]
+        assert first.reg is not None  # ops of regularizers carry their info
         reaches = names({i for op in ops for i in graph.downstream(op.index)})
         direct = names({i for op in ops for i in graph.downstream(op.index, stop_at_norms=True)})
         is_always_on = name in always_on
@@ -151,6 +152,7 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
     seen = {r.name for r in regularizers}
     for op in graph.always_on:
         if op.name not in seen:
+            assert op.reg is not None
             entry = RegularizerEntry(op.name, op.reg.kind, op.target, op.reg.p, True, True, [], True)
             regularizers.append(entry)
             findings.append(_inference_finding(entry, []))
