@@ -220,16 +220,18 @@ class _Transaction:
         """Install every staged file. Signals wait until it is done, so that an interrupt
         cannot leave some outputs written and others not."""
         with _signals_blocked():
+            pending = list(self.staged)
+            self.staged.clear()
             try:
-                for i, (tmp, target) in enumerate(self.staged):
+                while pending:
+                    tmp, target = pending[0]
                     _install(tmp, target)
+                    pending.pop(0)
             except OSError as exc:
-                for tmp, _ in self.staged[i:]:
+                for tmp, _ in pending:
                     with contextlib.suppress(OSError):
                         tmp.unlink()
                 raise _write_error(target, exc) from None
-            finally:
-                self.staged.clear()
 
 
 #: The open transaction of each thread: threads that write files at the same time through
@@ -326,7 +328,9 @@ def is_write_failure(exc: BaseException) -> bool:
     a full disk, a quota, a file-size limit, a read-only file system, ... Writers such as
     ``torch.save`` or an ONNX exporter wrap these in their own exception types."""
     seen = 0
-    while exc is not None and seen < 10:
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        exc = current
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             return True
         text = str(exc)
@@ -335,7 +339,7 @@ def is_write_failure(exc: BaseException) -> bool:
                                    "failed writing file", "PytorchStreamWriter",
                                    "inline_container.cc")):
             return True
-        exc = exc.__cause__ or exc.__context__
+        current = exc.__cause__ or exc.__context__
         seen += 1
     return False
 

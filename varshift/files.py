@@ -25,8 +25,7 @@ Shared arguments (all keyword-only):
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from .errors import VarshiftError
 

@@ -126,7 +126,8 @@ class _NoConstructor:
         self.cls = cls
         # Instance attributes win over the class's (non-data) __new__: the unpickler's
         # NEWOBJ runs ``proxy.__new__(proxy, *args)``.
-        self.__dict__["__new__"] = lambda _proxy, *args: cls.__new__(cls)
+        real: Any = cls  # the class's own __new__ (object's, for torch.nn modules)
+        self.__dict__["__new__"] = lambda _proxy, *args: real.__new__(real)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         shown = ", ".join(repr(a)[:40] for a in args[:4]) + (", ..." if len(args) > 4 else "")
