@@ -484,9 +484,12 @@ def test_device_cuda_without_cuda_is_refused_by_every_command(files, tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
-def test_input_shape_that_does_not_fit_is_an_error_even_when_fx_traces(files):
+def test_input_shape_that_does_not_fit_is_an_error_even_when_fx_traces(files, tmp_path):
     result = run("scan", files["model"], "--input-shape", "1,3,5")
     usage_error(result, "does not fit", "(1, 3, 5)")
+    result = run("swap", files["model"], "--input-shape", "1,3,5", "-o", tmp_path / "s.pt")
+    usage_error(result, "does not fit", "(1, 3, 5)")
+    assert list(tmp_path.iterdir()) == []
     ok = run("scan", files["model"], "--input-shape", "2,1,6,6", "--quiet")
     assert ok.code in (0, 1), ok.err
 

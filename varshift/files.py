@@ -330,6 +330,10 @@ def swap_file(
     from .swapping import swap
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
+    if example is not None:
+        from .inputs import check_example
+
+        check_example(loaded.module, example)  # swap's fx trace would not run it
     if example is None and batches is not None:
         from .inputs import input_preparer
 

@@ -49,29 +49,10 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
     """
     report, graph = scan_traced(model, example_input)
     if example_input is not None and graph.traced_with != "dynamic":
-        _check_runs(model, example_input)
+        from .inputs import check_example
+
+        check_example(model, example_input)  # fx traced without running it
     return report
-
-
-def _check_runs(model: "nn.Module", example_input: "torch.Tensor") -> None:
-    """Run the model once on ``example_input`` (eval mode, no grad, modes and the global RNG
-    restored): torch.fx traces without running it, and an example input that does not fit
-    the model must not pass silently.
-
-    Raises:
-        DataError: the model does not run on it (one line naming its shape).
-    """
-    import torch
-
-    from ._torch_utils import preserved_modes
-    from .inputs import fit_error
-
-    with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
-        model.eval()
-        try:
-            model(example_input)
-        except Exception as exc:
-            raise fit_error(model, example_input, exc, where="the example input") from None
 
 
 def scan_traced(
