@@ -142,22 +142,45 @@ def test_check_outputs_refuses_two_outputs_on_one_file_but_not_dev_null(tmp_path
     _io.check_outputs([], ("--output", os.devnull), ("--report", os.devnull))
 
 
-def test_signals_wait_for_the_commit():
-    """The commit runs with SIGINT/SIGTERM/SIGHUP blocked: a signal sent meanwhile is
-    delivered when the renames are done, not between two of them."""
+def test_signals_wait_for_the_commit(tmp_path):
+    """A signal that arrives while the staged files are renamed is delivered, to the handler
+    that was in place, after the last rename: never between two of them."""
     seen = []
-    old = signal.signal(signal.SIGTERM, lambda *a: seen.append("TERM"))
+    old = signal.signal(signal.SIGTERM, lambda *a: seen.append(
+        sorted(p.name for p in tmp_path.iterdir())))
     try:
-        with _io._signals_blocked():
+        with _io._signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):  # give Python every chance to run a pending handler
                 pass
             assert seen == []
+            (tmp_path / "renamed").write_text("")
         for _ in range(1000):
             pass
-        assert seen == ["TERM"]
+        assert seen == [["renamed"]]
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+class _SignalsWhenUsed(type(Path())):
+    """A staged file's path that sends this process a real SIGINT each time the OS is handed
+    it: Ctrl-C arriving in the middle of the commit's renames."""
+
+    def __fspath__(self) -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        return super().__fspath__()
+
+
+def test_a_commit_is_never_cut_by_a_signal(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # delivered, after the commit
+        with _io.transaction():
+            for name in ("a", "b", "c"):
+                _io.write_text_atomic(tmp_path / f"{name}.txt", name)
+            txn = _io._current()
+            tmp, target = txn.staged[0]
+            txn.staged[0] = (_SignalsWhenUsed(tmp), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert (tmp_path / "c.txt").read_text() == "c"
 
 
 def test_write_failures_become_output_errors(tmp_path):

@@ -219,7 +219,7 @@ class _Transaction:
     def commit(self) -> None:
         """Install every staged file. Signals wait until it is done, so that an interrupt
         cannot leave some outputs written and others not."""
-        with _signals_blocked():
+        with _signals_deferred():
             pending = list(self.staged)
             self.staged.clear()
             try:
@@ -263,17 +263,32 @@ def transaction() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    sigs = {getattr(signal, n) for n in names if hasattr(signal, n)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the body is done, then deliver them to the handlers
+    that were in place. Blocking the signal mask is not enough: a signal sent to the process
+    may land on any thread that does not block it (torch's worker threads), and Python then
+    runs the handler in the main thread all the same. Python runs handlers only in the main
+    thread, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    pending: list[int] = []
+    old: dict[int, object] = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            old[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
+        except (ValueError, OSError):  # not settable here
+            continue
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _install(tmp: Path, target: Path) -> None:
