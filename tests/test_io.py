@@ -181,6 +181,12 @@ def test_a_commit_is_never_cut_by_a_signal(tmp_path):
             txn.staged[0] = (_SignalsWhenUsed(tmp), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]
     assert (tmp_path / "c.txt").read_text() == "c"
+    assert _io.outputs_committed()  # so the CLI does not claim "no output was written"
+    with pytest.raises(ValueError):
+        with _io.transaction():
+            _io.write_text_atomic(tmp_path / "d.txt", "d")
+            raise ValueError
+    assert not _io.outputs_committed()
 
 
 def test_write_failures_become_output_errors(tmp_path):

@@ -252,6 +252,7 @@ def transaction() -> Iterator[None]:
         yield
         return
     txn = _local.txn = _Transaction()
+    _local.committed = False
     try:
         yield
     except BaseException:
@@ -259,7 +260,14 @@ def transaction() -> Iterator[None]:
         txn.discard()
         raise
     _local.txn = None
+    _local.committed = bool(txn.staged)
     txn.commit()
+
+
+def outputs_committed() -> bool:
+    """Whether this thread's last transaction renamed its files into place (a signal held
+    during the commit is raised after it: the outputs are then complete, not missing)."""
+    return bool(getattr(_local, "committed", False))
 
 
 @contextlib.contextmanager

@@ -479,8 +479,15 @@ def _terminated(signum: int) -> int:
     import signal
 
     name = signal.Signals(signum).name
-    print(f"varshift: terminated by {name}; no output was written", file=sys.stderr)
+    print(f"varshift: terminated by {name}; {_outputs_state()}", file=sys.stderr)
     return 128 + signum
+
+
+def _outputs_state() -> str:
+    from ._io import outputs_committed
+
+    return ("it arrived after the outputs were complete" if outputs_committed()
+            else "no output was written")
 
 
 def _main_unguarded(argv: list[str] | None) -> int:
@@ -496,7 +503,7 @@ def _main_unguarded(argv: list[str] | None) -> int:
         print(f"varshift: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("varshift: interrupted; no output was written", file=sys.stderr)
+        print(f"varshift: interrupted; {_outputs_state()}", file=sys.stderr)
         return 130
     except _Terminated as exc:
         return _terminated(exc.signum)
