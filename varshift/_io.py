@@ -35,10 +35,10 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import OutputError
 
-#: Errors that mean "this place cannot take the file", whatever the file is.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                 errno.EPERM, errno.EIO, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
-                 errno.ENAMETOOLONG, errno.EXDEV, errno.EINVAL}
+#: Errors that mean "this place cannot take the file", whatever the file is. (Permissions
+#: and missing folders are checked before any work; an ENOENT deep inside an exporter is
+#: more likely the exporter's own business than the output's.)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 # --------------------------------------------------------------------------- inputs
