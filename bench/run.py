@@ -682,7 +682,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64, help="DenseNet input height/width")
     ap.add_argument("--batch", type=int, default=16, help="DenseNet batch size")
     ap.add_argument("--batches", type=int, default=6, help="DenseNet number of batches")
-    ap.add_argument("--output", default=str(HERE / "results.json"))
+    ap.add_argument("--output", help="where to write the JSON (default: bench/results.json; "
+                    "with --quick, bench/results-quick.json, untracked)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-batches", type=int, help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
@@ -690,6 +691,8 @@ def main(argv=None) -> int:
         child(cfg.child, cfg.child_batches, cfg.threads)
         return 0
     torch.set_num_threads(cfg.threads)
+    # a quick run must not replace the tracked full results
+    cfg.output = cfg.output or str(HERE / ("results-quick.json" if cfg.quick else "results.json"))
     cfg.reps = cfg.reps or (2 if cfg.quick else 7)
     cfg.exact_reps = 1 if cfg.quick else 2
     cfg.exact_batches = 2 if cfg.quick else cfg.batches

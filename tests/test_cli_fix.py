@@ -42,7 +42,7 @@ FIX_ARCH = f"{TESTS / 'fixtures' / 'fix_models.py'}:build"
 def need(*paths: Path) -> None:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        pytest.skip(f"sample_models not generated yet: {', '.join(missing)}")
+        pytest.fail(f"committed sample model missing (git checkout sample_models/, or python sample_models/make_models.py): {', '.join(missing)}")
 
 
 def run_cli(*argv: object) -> Result:
@@ -122,6 +122,20 @@ def test_exact_improves_held_out_nll_and_reports_true_numbers(exact_run) -> None
         assert layer["shift_before"] > 1.1 and abs(layer["shift_after"] - 1) < 1e-3
 
 
+@torch.no_grad()
+def _eval_norm_inputs(model: nn.Module, x: torch.Tensor, indices) -> dict:
+    """The float64 inputs of ``model[i]`` for ``i`` in ``indices``, the model in eval mode."""
+    seen: dict = {i: [] for i in indices}
+    handles = [model[i].register_forward_pre_hook(
+        lambda m, args, i=i: seen[i].append(args[0].double())) for i in indices]
+    try:
+        model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in seen.items()}
+
+
 def test_whole_module_output_loads_safely_with_new_stats(exact_run) -> None:
     _, doc, out = exact_run
     loaded = load_model(out)  # no --trust: still a torch.nn-only pickle
@@ -129,7 +143,15 @@ def test_whole_module_output_loads_safely_with_new_stats(exact_run) -> None:
     original = load_model(DROPOUT_BN).module
     new, old = loaded.module, original
     assert torch.equal(new[1].running_var, old[1].running_var)  # not affected: untouched
+    # The exact estimator's statistics, computed here: each norm's input on the inference
+    # path (the fixed model in eval mode: BN 9's input already sees BN 5's new statistics),
+    # population mean and unbiased variance over all 512 calibration images.
+    inputs = _eval_norm_inputs(new, torch.load(CALIB, weights_only=True)[0], (5, 9))
     for i in (5, 9):
+        flat = inputs[i].transpose(0, 1).flatten(1)
+        torch.testing.assert_close(new[i].running_var.double(), flat.var(dim=1), rtol=1e-4, atol=0)
+        torch.testing.assert_close(new[i].running_mean.double(), flat.mean(dim=1), rtol=1e-4,
+                                   atol=1e-6)
         assert not torch.allclose(new[i].running_var, old[i].running_var, rtol=0.05)
         assert new[i].num_batches_tracked.item() == doc["batches"]
         assert new[i].momentum == old[i].momentum

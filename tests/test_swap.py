@@ -30,7 +30,7 @@ TEST = SAMPLES / "digits_test.pt"
 def need(*paths: Path) -> None:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        pytest.skip(f"sample_models not generated yet: {', '.join(missing)}")
+        pytest.fail(f"committed sample model missing (git checkout sample_models/, or python sample_models/make_models.py): {', '.join(missing)}")
 
 
 def uouts(model: nn.Module) -> dict[str, varshift.Uout]:
@@ -232,6 +232,24 @@ def test_cli_swap_with_data_also_recalibrates(cli, tmp_path: Path) -> None:
     assert saved[5].num_batches_tracked.item() == 2
     original = load_model(DROPOUT_BN).module
     assert not torch.equal(saved[5].running_var, original[5].running_var)
+    # The population estimator's statistics, computed here: regularizers off (Uout is the
+    # identity in eval mode), norms on batch statistics, inputs of 5 and 9 over both batches.
+    x = torch.load(CALIB, weights_only=True)[0][:128]
+    model = load_model(DROPOUT_BN).module.eval()
+    seen: dict = {5: [], 9: []}
+    for i in seen:
+        model[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].double()))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        for batch in x.split(64):
+            model(batch)
+    for i in (5, 9):
+        flat = torch.cat(seen[i]).transpose(0, 1).flatten(1)
+        torch.testing.assert_close(saved[i].running_var.double(), flat.var(dim=1), rtol=1e-4, atol=0)
+        torch.testing.assert_close(saved[i].running_mean.double(), flat.mean(dim=1), rtol=1e-4,
+                                   atol=1e-6)
 
 
 ARCH_FILE = """
@@ -275,6 +293,9 @@ def test_swapped_checkpoint_model_reloads_with_its_arch(tmp_path: Path) -> None:
     assert scanned.code == 0, scanned.err
     regs = json.loads(scanned.out)["regularizers"]
     assert [(r["name"], r["type"], r["p"]) for r in regs] == [("drop", "Uout", 0.1)]
+    notes = json.loads(scanned.out)["notes"]  # --arch was needed (its class is in the pickle)
+    assert any("used only to import its classes" in n for n in notes), notes
+    assert not any("not needed" in n for n in notes), notes
 
 
 def _mynet_state(folder: Path) -> dict:

@@ -215,8 +215,11 @@ FailAboveOpt = Annotated[
     typer.Option("--fail-above", metavar="RATIO",
                  help="Exit 1 when a layer's shift reaches RATIO (inf: never)."),
 ]
+#: torch's generators take seeds in [0, 2**64): a larger --seed is a usage error, not a crash.
+SEED_MAX = 2**64 - 1
 ExampleSeedOpt = Annotated[
-    int, typer.Option("--seed", metavar="N", help="Seeds the random example input of --input-shape.")
+    int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
+                      help="Seeds the random example input of --input-shape.")
 ]
 BackendOpt = Annotated[
     Optional[str],
@@ -302,7 +305,8 @@ def scan(
 def probe(
     model: ModelArg,
     data: DataOpt,
-    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seeds the train-mode pass (dropout masks).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
+                                      help="Seeds the train-mode pass (dropout masks).")] = 0,
     fail_above: FailAboveOpt = 1.1,
     backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
@@ -410,6 +414,9 @@ def export(
     from .files import export_file
 
     if data_opts.device is not None:
+        from .files import resolve_device
+
+        resolve_device(data_opts.device.value)  # refused where unavailable, as by every command
         _warn("--device does nothing for export (the export and its check run on the CPU) "
               "and will be removed")
     rep = export_file(model, output, data=data, input_shape=input_shape, seed=seed, atol=atol,
@@ -421,34 +428,109 @@ def export(
 # --------------------------------------------------------------------------- entry point
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP, so that every ``finally`` and every
+    temporary-file cleanup runs on the way out, as for Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals handled like SIGINT: exit code 128 + the signal's number (143, 129).
+_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+class _SignalsAsExceptions:
+    """Install the SIGTERM/SIGHUP handlers for the duration of one ``main()`` call and put
+    the previous ones back (tests call ``main`` in-process). Only in the main thread, where
+    Python delivers signals; elsewhere it does nothing."""
+
+    def __enter__(self) -> "_SignalsAsExceptions":
+        import signal
+        import threading
+
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in _SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._old[signum] = signal.signal(signum, _raise_terminated)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code (for tests and ``run``).
+
+    SIGINT, SIGTERM and SIGHUP stop the run with one line on stderr and exit codes 130, 143
+    and 129; temporary files are removed on the way out, so no output is left behind.
 
     Under torchrun every rank runs this; the ranks agree on one exit code and one error line
     (the lowest failing rank's), which rank 0 prints.
     """
-    code, line = _outcome(argv)
-    dist = sys.modules.get("varshift.distributed")  # imported only if a command got that far
-    d = dist.session() if dist is not None else None
-    if dist is not None and d is not None:
-        code, line = d.finish(code, line)
-        dist.shutdown()
-        if d.rank != 0:
-            return code
-    if line:
-        print(line, file=sys.stderr)
-    return code
+    with _SignalsAsExceptions():
+        try:
+            code, line = _outcome(argv)
+        except _Terminated as exc:  # arrived outside the command
+            code, line = _terminated(exc.signum)
+        dist = sys.modules.get("varshift.distributed")  # imported only if a command got there
+        d = dist.session() if dist is not None else None
+        if dist is not None and d is not None:
+            code, line = d.finish(code, line)
+            dist.shutdown()
+            if d.rank != 0:
+                return code
+        if line:
+            print(line, file=sys.stderr)
+        return code
+
+
+def _terminated(signum: int) -> tuple[int, str]:
+    import signal
+
+    name = signal.Signals(signum).name
+    return 128 + signum, f"varshift: terminated by {name}; {_outputs_state()}"
+
+
+def _outputs_state() -> str:
+    from ._io import outputs_committed
+
+    return ("it arrived after the outputs were complete" if outputs_committed()
+            else "no output was written")
 
 
 def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     """Run the command: its exit code and the one line for stderr (None when silent)."""
+    from ._io import transaction
+
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
+        # One output transaction for the whole command: the model, --onnx and --report files
+        # are renamed into place together at the end, or none of them is.
+        with transaction():
+            rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
     except VarshiftError as exc:
         return 2, f"varshift: error: {exc}"
     except KeyboardInterrupt:
-        return 130, "varshift: interrupted; no output was written"
+        return 130, f"varshift: interrupted; {_outputs_state()}"
+    except _Terminated as exc:
+        return _terminated(exc.signum)
+    except SystemExit as exc:
+        # click itself never raises SystemExit with standalone_mode=False: this came from
+        # user code (an --arch builder, a data callable, a model's forward) that called
+        # sys.exit(). An error in the user's code, not varshift's exit code.
+        return 2, (f"varshift: error: user code called sys.exit({exc.code!r}) (an --arch "
+                   "builder, a data callable or the model itself); no output was written")
     except typer.Abort:
         return 130, "varshift: aborted"
     except typer.Exit as exc:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, VarshiftError
-from .loading import check_readable, resolve_arch
+from .loading import check_readable, memory_bound, resolve_arch, safe_globals
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -36,10 +36,8 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 def split_batch(batch: Any, where: str = "batch") -> Batch:
     """Normalize one batch to ``(inputs, labels or None)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, np.ndarray):
-        return torch.from_numpy(batch), None
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return _as_tensor(batch, where), None
     if isinstance(batch, dict):
         x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
         y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
@@ -62,13 +60,51 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (torch.Tensor, np.ndarray))
 
 
+#: The tensor dtypes varshift computes statistics on: real floats (float16 up to float64)
+#: and integers/bools (integer images are cast to the model's dtype, as every command does).
+#: float8/float4 have no arithmetic on CPU, complex values have no variance in the paper's sense.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+               *(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)))
+_NUMERIC = "real floats (float16/bfloat16/float32/float64), integers or bools"
+
+
+def check_dtype(x: torch.Tensor, where: str) -> torch.Tensor:
+    """Refuse tensors varshift cannot compute statistics on; return ``x`` unchanged.
+
+    Accepted: dense (strided) tensors of real floating dtypes up to float64, integers and
+    bools. Refused with a one-line DataError naming the dtype or layout: complex, float8 /
+    float4, quantized, sparse or other non-strided layouts, meta tensors.
+    """
+    if x.layout is not torch.strided:
+        raise DataError(f"{where} is a {str(x.layout).replace('torch.', '')} tensor; varshift "
+                        "needs dense tensors (call .to_dense() before saving)")
+    if x.is_meta:
+        raise DataError(f"{where} is a meta tensor (shapes only, no values)")
+    if x.dtype not in _FLOAT_DTYPES and x.dtype not in _INT_DTYPES:
+        name = str(x.dtype).replace("torch.", "")
+        hint = "; keep the real part or the magnitude" if x.is_complex() else ""
+        raise DataError(f"{where} has dtype {name}; varshift needs {_NUMERIC}{hint}")
+    return x
+
+
 def _as_tensor(x: Any, where: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        return x
+        return check_dtype(x, where)
     if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise DataError(f"{where} holds an object array; varshift needs numeric arrays")
-        return torch.from_numpy(np.ascontiguousarray(x))
+        kind = x.dtype.kind
+        # numpy kinds: f float, i/u ints, b bool; long double has no torch dtype (and float16
+        # to float64 cover every real float torch has).
+        if kind not in "fiub" or (kind == "f" and x.dtype.itemsize > 8):
+            what = {"O": "object", "U": "str", "S": "bytes", "V": "structured (record)",
+                    "c": "complex", "M": "datetime", "m": "timedelta"}.get(kind, "")
+            name = f"{what} dtype {x.dtype}" if what else f"dtype {x.dtype}"
+            raise DataError(f"{where} holds a numpy array of {name}; varshift needs {_NUMERIC}")
+        try:
+            return check_dtype(torch.from_numpy(np.ascontiguousarray(x)), where)
+        except TypeError as exc:  # a numpy dtype torch has no counterpart for
+            raise DataError(f"{where} holds a numpy array of dtype {x.dtype}, which torch "
+                            f"cannot read ({str(exc).splitlines()[0][:120]})") from None
     raise DataError(f"{where}: expected a tensor or array, got {type(x).__name__}")
 
 
@@ -104,9 +140,12 @@ class Calibration:
 
 def check_batch(x: torch.Tensor, y: torch.Tensor | None, index: int, source: str) -> None:
     """Reject empty batches, NaN/Inf and labels that do not match the inputs."""
+    check_dtype(x, f"batch {index} of {source}")
+    if y is not None:
+        check_dtype(y, f"the labels of batch {index} of {source}")
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"batch {index} of {source} is empty (shape {tuple(x.shape)})")
-    if x.is_floating_point() or x.is_complex():
+    if x.is_floating_point():
         bad = (~torch.isfinite(x)).sum().item()
         if bad:
             raise DataError(
@@ -148,13 +187,41 @@ def from_tensors(
     return Calibration(source, make, max_batches, samples=bounds[-1][1], n_batches=len(bounds))
 
 
+def _kind_of(head: bytes) -> str:
+    """A few words on what a file that is not the expected binary format looks like."""
+    if not head:
+        return "empty"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"an unrecognized format (it starts with {head[:8]!r})"
+
+
 def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     from torch.utils.data import TensorDataset
 
+    # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (0x80 PROTO).
+    # Anything else would be fed to the unpickler byte by byte, whose complaint (an unknown
+    # "global" for text starting with 'c') would blame the safe list for what is not a
+    # torch file at all.
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise DataError(f"DATA {path} is not a torch.save file ({_kind_of(head)}); {SUPPORTED}")
     try:
-        with torch.serialization.safe_globals([TensorDataset]):
+        # the same bounds as for models: TensorDataset restored, never constructed; what a
+        # crafted file may allocate bounded by its size
+        with torch.serialization.safe_globals(safe_globals([TensorDataset])), memory_bound(path):
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise DataError(f"refused to load DATA {path}: it asks for more memory than a file of its "
+                        "size can hold; it is damaged or crafted") from None
     except Exception as exc:
+        if "can't allocate memory" in str(exc) or "calls the constructor" in str(exc):
+            raise DataError(f"refused to load DATA {path}: it asks for more memory than a file "
+                            "of its size can hold, or calls a constructor torch.save never "
+                            "writes; it is damaged or crafted") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc):
             raise DataError(
@@ -168,15 +235,40 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         return split_batch(obj, f"DATA {path}")
     except DataError:
-        raise DataError(f"DATA {path} holds a {type(obj).__name__}; {SUPPORTED}")
+        # Arrays of a refused dtype or layout keep their own message; other objects get the
+        # list of supported layouts.
+        arrays = obj if isinstance(obj, (tuple, list)) else [obj]
+        if any(_is_array(a) for a in arrays):
+            raise
+        raise DataError(f"DATA {path} holds a {type(obj).__name__}; {SUPPORTED}") from None
+
+
+#: What numpy says when a file holds pickled objects; its advice (load it unsafely) is
+#: never passed on.
+_PICKLED = "pickled"
+
+
+def _numpy_error(path: Path, exc: Exception) -> DataError:
+    if _PICKLED in str(exc) or "allow_pickle" in str(exc):
+        return DataError(f"DATA {path} holds pickled Python objects (a numpy object array), which "
+                         "varshift never unpickles from data; save a numeric array")
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return DataError(f"DATA {path} is not a readable numpy file ({type(exc).__name__}"
+                     f"{': ' + text if text else ''})")
 
 
 def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with path.open("rb") as f:
+        head = f.read(64)
+    # np.load reads either format whatever the suffix; anything else it would try to
+    # unpickle (refused) and answer with advice to load it unsafely.
+    if not (head.startswith(b"PK") or head.startswith(b"\x93NUMPY")):
+        raise DataError(f"DATA {path} is not a numpy .npy/.npz file ({_kind_of(head)}); "
+                        f"{SUPPORTED}")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"DATA {path} is not a readable numpy file ({type(exc).__name__}: "
-                        f"{str(exc)[:200]})")
+        raise _numpy_error(path, exc) from None
     if isinstance(arr, np.ndarray):
         return _as_tensor(arr, f"DATA {path}"), None
     with arr:
@@ -190,8 +282,7 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:  # .npz members are read lazily: an object array fails only here
             x_arr, y_arr = arr[x_key], (arr[y_key] if y_key else None)
         except Exception as exc:
-            raise DataError(f"DATA {path} is not a readable numpy file ({type(exc).__name__}: "
-                            f"{str(exc)[:200]})")
+            raise _numpy_error(path, exc) from None
         x = _as_tensor(x_arr, f"DATA {path}")
         y = _as_tensor(y_arr, f"DATA {path}") if y_key else None
     return x, y
@@ -210,7 +301,7 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
             result = fn(**shard_kwargs)
         except VarshiftError:
             raise
-        except Exception as exc:  # the user's code failed: bad input, not a varshift bug
+        except (Exception, SystemExit) as exc:  # the user's code failed (or exited): bad input
             raise DataError(f"--data {spec!r}: calling it failed ({type(exc).__name__}: "
                             f"{_short(exc)})") from exc
         if _is_array(result):  # iterating it would yield single samples, not batches
@@ -251,6 +342,8 @@ def _shard_kwargs(fn: Callable[..., Any]) -> dict[str, int]:
 
 def _short(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), at most 200 chars."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
@@ -265,7 +358,7 @@ def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
             return
         except VarshiftError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise DataError(f"--data {spec!r} failed while producing batch {index} "
                             f"({type(exc).__name__}: {_short(exc)})") from exc
         yield raw

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from ._io import atomic_path, check_output_path
-from .errors import ExportError, VarshiftError
+from ._io import atomic_path, check_output_path, is_write_failure
+from .errors import ExportError, OutputError, VarshiftError
 from .reports import ParityCheck, ParityResult
 
 if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (so that `varshift --help` stays instant)
@@ -153,6 +153,8 @@ def check_onnx_parity(
 def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None,
              atol: float, rtol: float) -> tuple[nn.Module, tuple, list]:
     """An eval-mode CPU copy of ``model``, the example inputs and the parity batches (CPU)."""
+    import torch
+
     for label, tol in (("atol", atol), ("rtol", rtol)):
         if not tol >= 0:
             raise VarshiftError(f"{label} must be a number >= 0, got {tol}")
@@ -164,10 +166,14 @@ def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None
         raise ExportError(f"cannot copy {type(model).__name__} for export (the original is "
                           f"never changed): {_one_line(exc)}") from exc
     work = work.to("cpu").eval()
-    example = tuple(t.to("cpu") for t in example)
-    batch_list = [tuple(t.to("cpu") for t in b) for b in batch_list]
+    # The same input handling as probe and recalibrate: integer images (and float64 data)
+    # take the model's floating dtype; token ids stay integers for models that embed them.
+    from .inputs import input_preparer
+
+    prepare = input_preparer(work, torch.device("cpu"))
+    example = tuple(prepare(t) for t in example)
+    batch_list = [tuple(prepare(t) for t in b) for b in batch_list]
     # Inputs that do not fit are a data problem; say so before an exporter buries it.
-    import torch
 
     with torch.no_grad(), _captured_output():
         try:
@@ -260,6 +266,9 @@ def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
             try:
                 _run_exporter(exporter, model, trace_input, tmp, opset)
             except Exception as exc:  # any exporter failure: try the next, then report
+                if is_write_failure(exc):  # a full disk is not the model's fault
+                    raise OutputError(f"cannot write the ONNX file ({_one_line(exc)}); "
+                                      "nothing was written") from exc
                 failed = exc
             else:
                 failed = None

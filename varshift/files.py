@@ -25,8 +25,7 @@ Shared arguments (all keyword-only):
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from .errors import VarshiftError
 
@@ -91,21 +90,31 @@ def check_threshold(value: float | None, option: str = "--fail-above") -> None:
 
 
 def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None:
-    """Before any work: every output path is writable, is none of the input files (model,
-    data), and no two outputs are the same file."""
-    from ._io import check_output_path
+    """Before any work: every output path is writable (a file is created and removed next
+    to it), is none of the files the run reads (``inputs``: paths and ``file.py:fn`` /
+    ``pkg.module:fn`` specs, through symlinks and hard links), and no two outputs are the same
+    file. See :func:`varshift._io.check_outputs`. Under torchrun only rank 0 checks: it alone
+    writes (its node may be the only one that has the output folder)."""
+    from ._io import check_outputs
     from .distributed import env_rank
 
-    if env_rank() != 0:  # under torchrun only rank 0 writes (its node may be the only one
-        return           # that has the output folder)
-    seen: dict[str, str] = {}
-    for what, path in outputs:
-        if path:
-            check_output_path(path, what, tuple(str(i) for i in inputs if i))
-            key = str(Path(path).resolve())
-            if key in seen:
-                raise VarshiftError(f"{what} and {seen[key]} are the same file: {path}")
-            seen[key] = what
+    if env_rank() == 0:
+        check_outputs(inputs, *outputs)
+
+
+def _outputs_together(fn: Callable) -> Callable:
+    """Run ``fn`` in one output transaction: the files it writes are staged and renamed
+    together at the end, or all removed when it fails (see :func:`varshift._io.transaction`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ._io import transaction
+
+        with transaction():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
@@ -157,6 +166,7 @@ def _onnx(module, out: PathLike | None, batches) -> "ParityResult | None":
 # --------------------------------------------------------------------------- commands
 
 
+@_outputs_together
 def scan_file(
     model: PathLike,
     *,
@@ -180,7 +190,7 @@ def scan_file(
     if fail_on not in ("error", "warning", "never"):
         raise VarshiftError(f"--fail-on {fail_on!r}: choose one of error, warning, never")
     shape = parse_shape(input_shape)
-    _check_outputs((model,), ("--report", report))
+    _check_outputs((model, arch), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     from .inputs import example_input
     from .rules import scan
@@ -192,6 +202,7 @@ def scan_file(
     return rep
 
 
+@_outputs_together
 def probe_file(
     model: PathLike,
     data: PathLike,
@@ -220,7 +231,7 @@ def probe_file(
     """
     check_threshold(fail_above)
     dev, d = _start(device, backend)
-    _check_outputs((model, data), ("--report", report))
+    _check_outputs((model, data, arch), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     batches = _shard(_data(data, batch_size, max_batches), d)
     from .probing import probe
@@ -233,6 +244,7 @@ def probe_file(
     return rep
 
 
+@_outputs_together
 def recalibrate_file(
     model: PathLike,
     data: PathLike,
@@ -278,7 +290,7 @@ def recalibrate_file(
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
     dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     batches = _shard(_data(data, batch_size, max_batches), d)
@@ -303,6 +315,7 @@ def recalibrate_file(
     return rep
 
 
+@_outputs_together
 def swap_file(
     model: PathLike,
     output: PathLike,
@@ -342,7 +355,7 @@ def swap_file(
     """
     shape = parse_shape(input_shape)
     dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     if eval_data and not data:
         raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
@@ -356,8 +369,15 @@ def swap_file(
     from .swapping import swap
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
+    if example is not None:
+        from .inputs import check_example
+
+        check_example(loaded.module, example)  # swap's fx trace would not run it
     if example is None and batches is not None:
-        example = next(iter(batches))[0][:1]
+        from .inputs import input_preparer
+
+        # cast as every command casts its batches (integer images -> the model's dtype)
+        example = input_preparer(loaded.module)(next(iter(batches))[0][:1])
     swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
     if batches is not None:
         from .recalib import recalibrate
@@ -389,6 +409,7 @@ def swap_file(
     return rep
 
 
+@_outputs_together
 def export_file(
     model: PathLike,
     output: PathLike,
@@ -421,7 +442,7 @@ def export_file(
                             "to build the inputs it checks")
     if atol < 0 or rtol < 0:
         raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
-    _check_outputs((model, data), ("--output", output), ("--report", report))
+    _check_outputs((model, data, arch), ("--output", output), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches) if data else None
     from .export import export_onnx

@@ -67,3 +67,21 @@ def input_preparer(model: nn.Module, device: torch.device | None = None):
         return x.to(device=device, dtype=dtype)
 
     return prepare
+
+
+def check_example(model: nn.Module, x: torch.Tensor) -> None:
+    """Run ``model`` once on the example input ``x`` (eval mode, no grad; modes and the
+    global RNG restored), so that an example that does not fit the model is an error even
+    where torch.fx traced the model without running it.
+
+    Raises:
+        DataError: the model does not run on ``x`` (one line naming its shape).
+    """
+    from ._torch_utils import preserved_modes
+
+    with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model.eval()
+        try:
+            model(x)
+        except Exception as exc:
+            raise fit_error(model, x, exc, where="the example input (--input-shape)") from None

@@ -12,6 +12,7 @@ written back in the same form (see :func:`save_like`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -19,12 +20,13 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch
 
@@ -104,6 +106,63 @@ def _safe_names() -> set[str]:
     return {f"{c.__module__}.{c.__qualname__}" for c in safe_classes()}
 
 
+class ConstructorCall(pickle.UnpicklingError):
+    """A pickle calls an allow-listed class's constructor (REDUCE) instead of restoring an
+    instance (NEWOBJ + BUILD, which is what ``torch.save`` writes)."""
+
+
+class _NoConstructor:
+    """Stands in for an allow-listed class in the safe unpickler.
+
+    ``torch.save(module)`` pickles each module as ``cls.__new__(cls)`` plus its saved
+    ``__dict__``: no constructor runs and nothing is allocated beyond the file's own tensors.
+    A crafted file could instead *call* the class (``nn.Linear(200000, 200000)``: 160 GB),
+    which torch's weights-only unpickler allows for any allow-listed global. This proxy
+    keeps the first path (its ``__new__`` makes a bare instance of the real class) and
+    refuses the second.
+    """
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        # Instance attributes win over the class's (non-data) __new__: the unpickler's
+        # NEWOBJ runs ``proxy.__new__(proxy, *args)``.
+        real: Any = cls  # the class's own __new__ (object's, for torch.nn modules)
+        self.__dict__["__new__"] = lambda _proxy, *args: real.__new__(real)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        shown = ", ".join(repr(a)[:40] for a in args[:4]) + (", ..." if len(args) > 4 else "")
+        raise ConstructorCall(
+            f"it calls the constructor {self.cls.__module__}.{self.cls.__qualname__}({shown}) "
+            "instead of restoring a saved instance (torch.save never writes that)"
+        )
+
+
+def safe_globals(classes: list[type] | None = None) -> list:
+    """The allow-list for ``torch.serialization.safe_globals``: each safe class under its own
+    name resolves to a :class:`_NoConstructor`; the real class is listed under a name no
+    pickle can spell (GLOBAL names are read line by line, so one with a newline is
+    unreachable), so that the unpickler may BUILD (restore the state of) its instances.
+
+    Args:
+        classes: the classes to allow (default: :func:`safe_classes`).
+    """
+    out: list = []
+    for cls in safe_classes() if classes is None else classes:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if cls is _nn_parameter():  # torch handles Parameter itself (rebuilds tensors)
+            out.append(cls)
+            continue
+        out.append((_NoConstructor(cls), name))
+        out.append((cls, f"\nvarshift-build-only\n{name}"))
+    return out
+
+
+def _nn_parameter() -> type:
+    import torch.nn as nn
+
+    return nn.Parameter
+
+
 # --------------------------------------------------------------------------- sniffing
 
 
@@ -115,7 +174,7 @@ def _sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError):
+        except Exception:  # BadZipFile, OSError, and whatever a damaged directory raises
             raise LoadError(f"{path} is truncated or corrupt (a damaged zip archive); {SUPPORTED}")
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise LoadError(
@@ -187,15 +246,27 @@ def _torch_load(path: Path, trust: bool) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             if trust:
                 return torch.load(path, map_location="cpu", weights_only=False)
-            with torch.serialization.safe_globals(safe_classes()):
+            with torch.serialization.safe_globals(safe_globals()), memory_bound(path):
                 return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise _too_big(path) from None
     except pickle.UnpicklingError as exc:
+        marker = re.search(r"it calls the constructor (.+?\)) instead", str(exc))
+        if marker:
+            raise RefusedPickleError(
+                f"refused to unpickle {path}: it calls the constructor {marker.group(1)} instead "
+                "of restoring a saved layer, which torch.save never writes (a crafted file?); "
+                "nothing was allocated or run",
+                [],
+            ) from None
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             raise _refusal(path, exc) from None
         raise LoadError(f"{path} is truncated or corrupt (unpickling failed: {_short(exc)})")
     except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ModuleNotFoundError,
             ImportError, TypeError, IndexError, KeyError) as exc:
         text = _short(exc)
+        if not trust and "can't allocate memory" in text:  # torch's allocator under the bound
+            raise _too_big(path) from None
         if ("central directory" in text or "zip archive" in text or "unexpected EOF" in text
                 or isinstance(exc, EOFError)):
             raise LoadError(f"{path} is truncated or corrupt ({text})")
@@ -205,6 +276,60 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 "package importable, or save a state dict and pass --arch"
             )
         raise LoadError(f"{path} could not be loaded ({type(exc).__name__}: {text})")
+
+
+#: What the safe loader may allocate beyond the file's own size: its tensors are read into
+#: memory once (plus copies for dtype/device handling), and torch's and Python's own
+#: allocations during a load stay well under this.
+_BUDGET_FIXED = 2 * 2**30
+_BUDGET_PER_BYTE = 4
+
+
+def _too_big(path: Path) -> LoadError:
+    return LoadError(
+        f"refused to load {path}: it asks for more memory than a file of its size can hold "
+        f"(over {_budget(path) / 2**30:.1f} GiB for {path.stat().st_size} bytes); it is "
+        "damaged or crafted"
+    )
+
+
+def _budget(path: Path) -> int:
+    return _BUDGET_FIXED + _BUDGET_PER_BYTE * path.stat().st_size
+
+
+@contextlib.contextmanager
+def memory_bound(path: Path) -> Iterator[None]:
+    """Bound the address space the safe loader may add to the process (Linux), relative to the
+    file's size, for the duration of the load.
+
+    The allow-list closes the constructor path for torch.nn classes, but torch's own default
+    allow-list still lets a pickle call ``bytearray(n)`` or ``torch.FloatTensor(n, n)``: a
+    1 KB file could ask for hundreds of GB. With this bound such a request fails at once with
+    MemoryError (reported as a refusal) instead of exhausting the machine. A no-op where
+    RLIMIT_AS is not available or the process already runs under a tighter limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as f:
+            in_use = int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    limit = in_use + _budget(path)
+    if (soft != resource.RLIM_INFINITY and soft <= limit) or (
+            hard != resource.RLIM_INFINITY and hard < limit):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
@@ -244,6 +369,8 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
 
 
 def _short(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
@@ -278,7 +405,7 @@ def resolve_arch(spec: str) -> Callable:
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
             raise ArchError(f"--arch {spec!r}: cannot import {target!r} from the current "
                             f"directory or sys.path ({type(exc).__name__}: {_short(exc)})")
     fn = getattr(module, attr, None)
@@ -320,7 +447,7 @@ def _import_file(path: Path, spec: str):
     sys.path.insert(0, folder)
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         del sys.modules[name]
         raise ArchError(f"--arch {spec!r}: importing {path} failed ({type(exc).__name__}: "
                         f"{_short(exc)})")
@@ -336,7 +463,7 @@ def build_arch(spec: str, arch_args: dict) -> Any:
     fn = resolve_arch(spec)
     try:
         module = fn(**arch_args)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         raise ArchError(f"--arch {spec!r}: calling it with {json.dumps(arch_args)} failed "
                         f"({type(exc).__name__}: {_short(exc)})")
     if not isinstance(module, nn.Module):
@@ -421,14 +548,40 @@ def load_state_into(module: Any, state: dict, source: str) -> dict[str, str]:
 
 
 def check_readable(path: Path, what: str = "MODEL") -> None:
+    """Refuse an input that is missing, not a regular file, unreadable or empty.
+
+    FIFOs, devices and sockets are refused before anything opens them (reading a FIFO would
+    block, a device never ends); pseudo-files that report 0 bytes but have content (``/proc``,
+    ``/sys``) are named as such rather than called empty.
+    """
     if not path.exists():
         raise LoadError(f"{what} {path}: no such file")
     if path.is_dir():
         raise LoadError(f"{what} {path} is a directory, not a file")
-    if path.stat().st_size == 0:
-        raise LoadError(f"{what} {path} is empty (0 bytes)")
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{what} {path} is {_file_kind(st.st_mode)}, not a regular file")
     if not os.access(path, os.R_OK):
         raise LoadError(f"{what} {path} is not readable (permission denied)")
+    if st.st_size == 0:
+        try:
+            with path.open("rb") as f:
+                has_content = bool(f.read(1))
+        except OSError as exc:
+            raise LoadError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+        if has_content:
+            raise LoadError(f"{what} {path} is a pseudo-file that reports 0 bytes (a /proc or "
+                            "/sys file?), not a saved file; copy it to a regular file first")
+        raise LoadError(f"{what} {path} is empty (0 bytes)")
+
+
+def _file_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a character device', ... for a stat mode."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def load_model(
@@ -456,8 +609,10 @@ def load_model(
     path = Path(path)
     check_readable(path)
     _sniff(path)
+    arch_module = None
     if arch:
-        resolve_arch(arch)  # fail early on a bad --arch; its classes may be in the pickle
+        # fail early on a bad --arch; its classes may be in the pickle
+        arch_module = getattr(resolve_arch(arch), "__module__", None)
     obj = _torch_load(path, trust)
     found = find_state_dict(obj)
     if found is None:
@@ -472,7 +627,11 @@ def load_model(
             trusted=trust,
         )
         if arch:
-            loaded.notes.append(f"{path} holds a whole module; --arch {arch} was not needed")
+            uses = arch_module is not None and any(
+                type(m).__module__ == arch_module for m in value.modules())
+            loaded.notes.append(
+                f"{path} holds a whole module; --arch {arch} was used only to import its classes"
+                if uses else f"{path} holds a whole module; --arch {arch} was not needed")
         return loaded
     if not arch:
         raise LoadError(

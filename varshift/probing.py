@@ -27,7 +27,7 @@ from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .reports import LayerShift, ProbeReport
-from .stats import ChannelMoments
+from .stats import ChannelMoments, require_finite
 
 if TYPE_CHECKING:
     from .graph import DataflowGraph
@@ -99,6 +99,10 @@ def probe(
         DataError: the data is empty, has NaN/Inf, or does not fit the model.
         VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        from .errors import VarshiftError
+
+        raise VarshiftError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     from . import distributed
 
     d = distributed.resolve(process_group)
@@ -175,18 +179,23 @@ def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
 
 
 def _ratio_shift(a: float, b: float) -> float:
-    """``max(a/b, b/a)``; inf when exactly one is zero, nan when either is nan."""
+    """``max(a/b, b/a)``; inf when exactly one is zero or infinite, or when the ratio
+    over- or underflows; nan when either is nan."""
     if math.isnan(a) or math.isnan(b):
         return math.nan
     if a == b:
         return 1.0
-    if a == 0 or b == 0:
+    if a == 0 or b == 0 or math.isinf(a) or math.isinf(b):
         return math.inf
     r = a / b
+    if r == 0 or math.isinf(r):  # the ratio itself left float range
+        return math.inf
     return max(r, 1 / r)
 
 
 def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, calls) -> LayerShift:
+    require_finite(ev, name, "eval-mode")
+    require_finite(tr, name, "train-mode")
     rv = module.running_var.detach().double().cpu()
     rm = module.running_mean.detach().double().cpu()
     eps = float(getattr(module, "eps", 1e-5))

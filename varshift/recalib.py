@@ -34,7 +34,7 @@ from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
-from .stats import ChannelMoments
+from .stats import ChannelMoments, require_finite, require_spread
 
 
 def recalibrate(
@@ -118,10 +118,11 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     evaluation = as_batches(eval_batches) if eval_batches is not None else cal
 
     before_stats = before_metrics = None
+    why_no_metrics: list[str] = []  # held-out data that cannot be scored is said, not dropped
     if measure:
         before_stats, before_metrics = measure_eval(fixed, cal, prepare, norms)
         if held_out:
-            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True, why=why_no_metrics)
     snapshot = {
         name: (m.running_mean.detach().double().mean().item(),
                m.running_var.detach().double().mean().item())
@@ -166,6 +167,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
                 running_mean_after=m.running_mean.double().mean().item(),
             )
         )
+    if why_no_metrics:
+        notes.append(f"no held-out accuracy or NLL: --eval-data {getattr(evaluation, 'source', '')} "
+                     f"cannot be scored ({why_no_metrics[0]})")
     if measure and not held_out and before_metrics is not None:
         notes.append("accuracy and NLL are on the calibration data, not held out (pass --eval-data)")
     report = RecalibrationReport(
@@ -188,9 +192,15 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 # --------------------------------------------------------------------------- estimators
 
 
-def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
-    """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
+def _write(m: nn.Module, moments: ChannelMoments, n_batches: int, name: str = "") -> None:
+    """Store new statistics in the norm's own buffers (same tensors, dtype and device).
+
+    Raises:
+        DataError: the statistics are not finite, or constant (nothing is written to that norm).
+    """
     assert moments.mean is not None
+    require_finite(moments, name, "recalibrated")
+    require_spread(moments, name)
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
     if m.num_batches_tracked is not None:
@@ -215,10 +225,14 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
             if progress is not None:
                 progress(n_batches, total)
     n_batches = distributed.current().merge_stats(stats, n_batches)
+    for name in targets:  # all or nothing: no norm is written when one is unusable
+        if stats.moments[name].mean is not None:
+            require_finite(stats.moments[name], name, "recalibrated")
+            require_spread(stats.moments[name], name)
     with torch.no_grad():
         for name in targets:
             if stats.moments[name].mean is not None:
-                _write(norms[name], stats.moments[name], n_batches)
+                _write(norms[name], stats.moments[name], n_batches, name)
     return 1, n_batches
 
 
@@ -338,7 +352,7 @@ def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, i
             n_batches = distributed.current().merge_stats(stats, n_batches)
             for name in level:
                 if stats.moments[name].mean is not None:
-                    _write(norms[name], stats.moments[name], n_batches)
+                    _write(norms[name], stats.moments[name], n_batches, name)
     return len(levels), n_batches
 
 
@@ -359,42 +373,53 @@ def _shift(stats: InputStats, name: str, running_var_mean: float) -> float:
 
 
 class _MetricSums:
+    """Accuracy and NLL sums over labelled batches; ``reason`` says why there are none."""
+
     def __init__(self) -> None:
         self.correct = 0
         self.nll = 0.0
         self.n = 0
-        self.usable = True
+        self.reason: str | None = None  # set once: the first batch that cannot be scored
+
+    def _unusable(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
 
     def add(self, out: Any, y: torch.Tensor | None) -> None:
-        if y is None or not self.usable:
-            self.usable = self.usable and y is not None
+        if self.reason is not None:
             return
+        if y is None:
+            return self._unusable("it has no labels")
         logits = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(logits, dict):
             logits = next(iter(logits.values()))
-        if (
-            not isinstance(logits, torch.Tensor)
-            or logits.ndim != 2
-            or y.ndim != 1
-            or y.is_floating_point()
-            or logits.shape[0] != y.shape[0]
-        ):
-            self.usable = False
-            return
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            return self._unusable(f"the model's output ({shape}) is not (N, classes) logits")
+        if y.is_floating_point() or y.dtype == torch.bool:
+            return self._unusable(f"its labels are {str(y.dtype).replace('torch.', '')}, not "
+                                  "integer class indices")
+        if y.ndim != 1 or logits.shape[0] != y.shape[0]:
+            return self._unusable(f"its labels of shape {tuple(y.shape)} do not match the "
+                                  f"model's output {tuple(logits.shape)}")
         y = y.to(logits.device)
-        if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
-            self.usable = False
-            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            return self._unusable(f"its labels span {lo}..{hi}, outside the model's "
+                                  f"{logits.shape[1]} classes (0..{logits.shape[1] - 1})")
         self.correct += int((logits.argmax(1) == y).sum())
         self.nll += float(F.cross_entropy(logits.double(), y, reduction="sum"))
         self.n += y.shape[0]
 
     def result(self, held_out: bool) -> Metrics | None:
         d = distributed.current()
-        if d.active:  # sum over ranks; unusable anywhere is unusable everywhere
-            usable, correct, nll, n = d.sum_floats([not self.usable, self.correct, self.nll, self.n])
-            self.usable, self.correct, self.nll, self.n = not usable, int(correct), nll, int(n)
-        if not self.usable or self.n == 0:
+        if d.active:  # sums over ranks; the lowest rank's reason makes them unusable
+            everyone = d.exchange((self.reason, self.correct, self.nll, self.n))
+            self.reason = next((r for r, *_ in everyone if r is not None), None)
+            self.correct = sum(c for _, c, _, _ in everyone)
+            self.nll = sum(v for _, _, v, _ in everyone)
+            self.n = sum(n for *_, n in everyone)
+        if self.reason is not None or self.n == 0:
             return None
         return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
 
@@ -411,14 +436,22 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
         for index, (x, y) in enumerate(cal):
             sums.add(forward(model, prepare(x), index), y)
     distributed.current().merge_stats(stats)
+    # An inference-path input that overflowed (data far outside the model's range) makes
+    # every statistic downstream meaningless, whether or not that norm is recalibrated.
+    for name in stats.order:
+        require_finite(stats.moments[name], name, "eval-mode")
     return stats, sums.result(held_out=False)
 
 
-def metrics_on(model, batches, prepare, held_out: bool) -> Metrics | None:
-    """Accuracy and NLL of the eval-mode model on labelled ``batches`` (None without labels)."""
+def metrics_on(model, batches, prepare, held_out: bool, why: list[str] | None = None) -> Metrics | None:
+    """Accuracy and NLL of the eval-mode model on labelled ``batches``; None when they cannot
+    be computed, with the reason appended to ``why`` (no labels, float labels, labels out of
+    the model's class range, outputs that are not logits)."""
     sums = _MetricSums()
     with preserved_modes(model), torch.no_grad():
         model.eval()
         for index, (x, y) in enumerate(batches):
             sums.add(forward(model, prepare(x), index), y)
+    if sums.reason is not None and why is not None:
+        why.append(sums.reason)
     return sums.result(held_out)

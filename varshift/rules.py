@@ -47,7 +47,12 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
         TraceError: fx cannot trace the model and no example input was given, or the model
             does not run on the example input.
     """
-    return scan_traced(model, example_input)[0]
+    report, graph = scan_traced(model, example_input)
+    if example_input is not None and graph.traced_with != "dynamic":
+        from .inputs import check_example
+
+        check_example(model, example_input)  # fx traced without running it
+    return report
 
 
 def scan_traced(

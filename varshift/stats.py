@@ -68,3 +68,46 @@ class ChannelMoments:
     def biased_var(self) -> torch.Tensor:
         assert self.m2 is not None, "no data"
         return self.m2 / max(self.count, 1)
+
+    @property
+    def finite(self) -> bool:
+        """True when no data was added or every channel's mean and M2 are finite."""
+        if self.mean is None:
+            return True
+        return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.m2).all())
+
+
+def require_finite(moments: ChannelMoments, layer: str, what: str) -> None:
+    """Raise a one-line DataError when ``moments`` overflowed (inf) or hold NaN.
+
+    Float64 moments of finite float32 inputs only overflow when the layer's input itself was
+    inf/NaN: the data holds values too large for the model's dtype (an input of 1e30 squares
+    past float32's range inside a conv or BatchNorm), or the model produces inf/NaN on it.
+    Statistics like that must not be reported as a shift or written into a model.
+    """
+    if moments.finite:
+        return
+    from .errors import DataError
+
+    raise DataError(
+        f"the {what} statistics of {layer or '(root)'} are not finite (inf/NaN): the data "
+        "holds values too large for the model's dtype, or the model produces inf/NaN on it; "
+        "scale the data as in training"
+    )
+
+
+def require_spread(moments: ChannelMoments, layer: str) -> None:
+    """Raise a one-line DataError when every channel of ``layer``'s input had zero variance.
+
+    Statistics from constant inputs (all-zero or all-equal calibration data, or a layer the
+    data never excites) would set ``running_var`` to 0: the norm would then divide by
+    ``sqrt(eps)`` and blow its outputs up. A fix must not be written from them.
+    """
+    if moments.m2 is None or bool((moments.m2 > 0).any()):
+        return
+    from .errors import DataError
+
+    raise DataError(
+        f"the calibration data gives {layer or '(root)'} constant inputs (zero variance in "
+        "every channel); recalibrating on it would zero its running variance: use varied data"
+    )
