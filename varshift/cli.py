@@ -416,7 +416,7 @@ def export(
     if data_opts.device is not None:
         from .files import resolve_device
 
-        resolve_device(data_opts.device.value)  # refused where unavailable, as by every command
+        resolve_device(data_opts.device)  # refused where unavailable, as by every command
         _warn("--device does nothing for export (the export and its check run on the CPU) "
               "and will be removed")
     rep = export_file(model, output, data=data, input_shape=input_shape, seed=seed, atol=atol,
