@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 import numpy as np
 import torch
 
-from .errors import DataError, VarshiftError
+from .errors import ArchError, DataError, VarshiftError, one_line
 from .loading import check_readable, resolve_arch
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
@@ -152,7 +152,7 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = one_line(exc)
         if "Weights only load failed" in str(exc):
             raise DataError(
                 f"DATA {path} needs classes outside varshift's safe list; save plain tensors "
@@ -196,9 +196,9 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     try:
-        fn = resolve_arch(spec)
-    except Exception as exc:  # ArchError's message talks about --arch: reword for --data
-        raise DataError(str(exc).replace("--arch", "--data"))
+        fn = resolve_arch(spec, option="--data")
+    except ArchError as exc:
+        raise DataError(str(exc)) from None
 
     def make() -> Iterator[Any]:
         try:
@@ -207,7 +207,7 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
             raise
         except Exception as exc:  # the user's code failed: bad input, not a varshift bug
             raise DataError(f"--data {spec!r}: calling it failed ({type(exc).__name__}: "
-                            f"{_short(exc)})") from exc
+                            f"{one_line(exc)})") from exc
         if _is_array(result):  # iterating it would yield single samples, not batches
             raise DataError(
                 f"--data {spec!r} returned a single {type(result).__name__} of shape "
@@ -225,12 +225,6 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     return Calibration(spec, make, max_batches)
 
 
-def _short(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), at most 200 chars."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
     """Re-raise errors from the user's iterator as DataError, naming the batch."""
     index = 0
@@ -243,7 +237,7 @@ def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
             raise
         except Exception as exc:
             raise DataError(f"--data {spec!r} failed while producing batch {index} "
-                            f"({type(exc).__name__}: {_short(exc)})") from exc
+                            f"({type(exc).__name__}: {one_line(exc)})") from exc
         yield raw
         del raw  # hold no batch while the caller works on it
         index += 1

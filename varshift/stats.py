@@ -7,6 +7,8 @@ are merged with Chan et al.'s parallel update, so the result is the mean and var
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -68,3 +70,16 @@ class ChannelMoments:
     def biased_var(self) -> torch.Tensor:
         assert self.m2 is not None, "no data"
         return self.m2 / max(self.count, 1)
+
+
+def shift_ratio(a: float, b: float) -> float:
+    """The variance shift between two variances, ``max(a/b, b/a)`` (the paper's ``max(r, 1/r)``);
+    1 when equal, inf when exactly one is zero, nan when either is nan."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if a == b:
+        return 1.0
+    if a == 0 or b == 0:
+        return math.inf
+    r = a / b
+    return max(r, 1 / r)
