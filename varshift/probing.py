@@ -146,6 +146,7 @@ def probe(
         threshold=threshold,
         traced_with=scan_report.traced_with,
         data=getattr(cal, "source", None),
+        regularizer_kinds={r.name: r.kind for r in scan_report.regularizers},
     )
     unused = [name for name in norms if eval_stats.calls[name] == 0]
     if unused:
