@@ -418,13 +418,13 @@ def test_overflow_check_is_on_the_statistics_not_on_a_magnitude(files, tmp_path)
     assert all(np.isfinite(layer["eval_var_mean"]) for layer in doc["layers"])
 
 
-def test_ratio_shift_never_divides_by_zero():
-    from varshift.probing import _ratio_shift
+def test_shift_ratio_never_divides_by_zero():
+    from varshift.stats import shift_ratio
 
-    assert _ratio_shift(1e-320, 1e300) == float("inf")  # ratio underflows to 0
-    assert _ratio_shift(1e300, 1e-300) == float("inf")  # ratio overflows
-    assert _ratio_shift(float("inf"), 1.0) == float("inf")
-    assert _ratio_shift(2.0, 1.0) == 2.0 and _ratio_shift(1.0, 4.0) == 4.0
+    assert shift_ratio(1e-320, 1e300) == float("inf")  # ratio underflows to 0
+    assert shift_ratio(1e300, 1e-300) == float("inf")  # ratio overflows
+    assert shift_ratio(float("inf"), 1.0) == float("inf")
+    assert shift_ratio(2.0, 1.0) == 2.0 and shift_ratio(1.0, 4.0) == 4.0
 
 
 @pytest.mark.slow
