@@ -159,3 +159,23 @@ def test_probe_after_swap_without_data_blames_the_swap_not_the_data(tmp_path):
                                       device="cpu")
     assert fixed and varshift.probe_file(tmp_path / "fixed.pt", CALIB, max_batches=2,
                                          device="cpu")
+
+
+def test_file_functions_print_nothing(tmp_path, capsys):
+    """Library functions return reports; only the CLI prints."""
+    varshift.scan_file(DROPOUT_BN)
+    varshift.probe_file(DROPOUT_BN, CALIB, max_batches=1, device="cpu")
+    varshift.recalibrate_file(DROPOUT_BN, CALIB, tmp_path / "r.pt", max_batches=1, device="cpu")
+    varshift.swap_file(DROPOUT_BN, tmp_path / "s.pt")
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
+def test_file_functions_refuse_bad_outputs_before_any_work(tmp_path):
+    """Output paths are checked first: nothing is loaded, nothing written."""
+    with pytest.raises(varshift.VarshiftError, match="is an input file"):
+        varshift.recalibrate_file(DROPOUT_BN, CALIB, CALIB)
+    with pytest.raises(varshift.VarshiftError, match="same file"):
+        varshift.swap_file(DROPOUT_BN, tmp_path / "x.pt", onnx=tmp_path / "x.pt",
+                           input_shape="1,1,8,8")
+    assert list(tmp_path.iterdir()) == []
