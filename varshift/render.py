@@ -168,6 +168,10 @@ def _(report: ScanReport):
                 f.remedy,
             )
         parts.append(table)
+    where = _where(report)
+    if where:
+        parts.append(Text("Where (the line that calls it; created at):\n" + "\n".join(
+            f"  {name}: {loc}" for name, loc in where)))
     quiet = [r for r in report.regularizers if not any(f.regularizer == r.name for f in report.findings)]
     if quiet:
         lines = [f"  {r.name} [{r.type}(p={_fmt_p(r.p)})]: {_why_quiet(r)}" for r in quiet]
@@ -175,6 +179,33 @@ def _(report: ScanReport):
     parts += _remarks_text(report)
     parts.append(_verdict_text(bool(report), _worst(report), report.verdict))
     return Group(*parts)
+
+
+def _loc_text(source, defined_at, code: str = "") -> str | None:
+    """``file:line in fn (created at file:line)``, or None when neither is known."""
+    parts = []
+    if source is not None:
+        parts.append(f"{code}{source.file}:{source.line}{code}"
+                     + (f" in {code}{source.function}{code}" if source.function else ""))
+    if defined_at is not None:
+        parts.append(f"(created at {code}{defined_at.file}:{defined_at.line}{code})")
+    return " ".join(parts) or None
+
+
+def _where(report: ScanReport, code: str = "") -> list[tuple[str, str]]:
+    """(name, location) for each finding's regularizer and then its direct norms, for those
+    whose location is known; ``code`` wraps paths (Markdown backticks)."""
+    out: list[tuple[str, str]] = []
+    for f in report.findings:
+        loc = _loc_text(f.source, f.defined_at, code)
+        if loc:
+            out.append((f.regularizer, loc))
+        for name in f.direct:
+            norm = report.norm(name)
+            nloc = norm and _loc_text(norm.source, norm.defined_at, code)
+            if nloc:
+                out.append((f"  -> {name}" if not code else f"-> `{name}`", nloc))
+    return out
 
 
 def _traced(how: str) -> str:
@@ -210,6 +241,12 @@ def _(report: ScanReport) -> str:
             ["regularizer", "p", "direct norms", "downstream", "predicted shift", "severity",
              "remedy"], rows))
         out.append("")
+        where = _where(report, code="`")
+        if where:
+            out += ["Where (the line that calls it; created at):", ""]
+            out += [f"- {name if name.startswith('->') else f'`{name}`'}: {loc}"
+                    for name, loc in where]
+            out.append("")
     s = report.summary
     out.append(
         f"{plural(s['regularizers'], 'regularizer')} ({s['active_regularizers']} active), "
