@@ -33,6 +33,7 @@ class Format(str, Enum):
     text = "text"
     json = "json"
     markdown = "markdown"
+    sarif = "sarif"
 
 
 class FailOn(str, Enum):
@@ -69,10 +70,23 @@ InputShapeOpt = Annotated[
         help="Example input shape, e.g. 1,3,224,224: traces models that torch.fx cannot.",
     ),
 ]
-FormatOpt = Annotated[Format, typer.Option("--format", help="Report format on stdout.")]
+def _sarif_only_for_scan(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """SARIF describes findings in source files: only scan has them. Refused before any work."""
+    text = getattr(value, "value", value) or ""
+    sarif = text == "sarif" or str(text).lower().endswith((".sarif", ".sarif.json"))
+    if sarif and ctx.info_name != "scan":
+        raise typer.BadParameter("SARIF is only for `varshift scan` (use json, markdown or .html)")
+    return value
+
+
+FormatOpt = Annotated[
+    Format, typer.Option("--format", help="Report format on stdout (sarif: scan only).",
+                         callback=_sarif_only_for_scan)
+]
 ReportOpt = Annotated[
     Optional[str],
-    typer.Option("--report", metavar="FILE", help="Also write the report to FILE (.json, .md, else --format)."),
+    typer.Option("--report", metavar="FILE", callback=_sarif_only_for_scan,
+                 help="Also write the report to FILE (.json, .md, .sarif, .html, else --format)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stdout.")]
 

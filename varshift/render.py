@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .reports import ScanReport, plural
 
-FORMATS = ("text", "json", "markdown")
+FORMATS = ("text", "json", "markdown", "sarif", "html")
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -45,9 +45,18 @@ def make_console(file: TextIO | None = None, width: int | None = None) -> Consol
 
 
 def render_to_string(report: Any, fmt: str, width: int = 120) -> str:
-    """The report in ``fmt`` (text, json, markdown) as a string; text has no control codes."""
+    """The report in ``fmt`` (text, json, markdown, sarif, html) as a string; text has no
+    control codes. ``sarif`` is for scan reports only (VarshiftError otherwise)."""
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2) + "\n"
+    if fmt == "sarif":
+        from .sarif import to_sarif
+
+        return json.dumps(to_sarif(report), indent=2) + "\n"
+    if fmt == "html":
+        from .html import to_html
+
+        return to_html(report)
     if fmt == "markdown":
         return markdown(report)
     buf = io.StringIO()
@@ -57,10 +66,15 @@ def render_to_string(report: Any, fmt: str, width: int = 120) -> str:
 
 
 def format_for_path(path: str, default: str) -> str:
-    """Pick a report file's format from its extension (.json, .md), else ``default``."""
+    """Pick a report file's format from its extension (.json, .md, .sarif, .html), else
+    ``default``."""
     lower = path.lower()
+    if lower.endswith((".sarif", ".sarif.json")):
+        return "sarif"
     if lower.endswith(".json"):
         return "json"
+    if lower.endswith((".html", ".htm")):
+        return "html"
     if lower.endswith((".md", ".markdown")):
         return "markdown"
     return default
