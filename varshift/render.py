@@ -185,7 +185,8 @@ def _(report: ScanReport):
     where = _where(report)
     if where:
         parts.append(Text("Where (the line that calls it; created at):\n" + "\n".join(
-            f"  {name}: {loc}" for name, loc in where)))
+            f"    -> {name}: {loc}" if is_norm else f"  {name}: {loc}"
+            for is_norm, name, loc in where)))
     quiet = [r for r in report.regularizers if not any(f.regularizer == r.name for f in report.findings)]
     if quiet:
         lines = [f"  {r.name} [{r.type}(p={_fmt_p(r.p)})]: {_why_quiet(r)}" for r in quiet]
@@ -206,19 +207,19 @@ def _loc_text(source, defined_at, code: str = "") -> str | None:
     return " ".join(parts) or None
 
 
-def _where(report: ScanReport, code: str = "") -> list[tuple[str, str]]:
-    """(name, location) for each finding's regularizer and then its direct norms, for those
-    whose location is known; ``code`` wraps paths (Markdown backticks)."""
-    out: list[tuple[str, str]] = []
+def _where(report: ScanReport, code: str = "") -> list[tuple[bool, str, str]]:
+    """(is a norm, name, location) for each finding's regularizer and then its direct norms,
+    for those whose location is known; ``code`` wraps paths (Markdown backticks)."""
+    out: list[tuple[bool, str, str]] = []
     for f in report.findings:
         loc = _loc_text(f.source, f.defined_at, code)
         if loc:
-            out.append((f.regularizer, loc))
+            out.append((False, f.regularizer, loc))
         for name in f.direct:
             norm = report.norm(name)
             nloc = norm and _loc_text(norm.source, norm.defined_at, code)
             if nloc:
-                out.append((f"  -> {name}" if not code else f"-> `{name}`", nloc))
+                out.append((True, name, nloc))
     return out
 
 
@@ -258,8 +259,8 @@ def _(report: ScanReport) -> str:
         where = _where(report, code="`")
         if where:
             out += ["Where (the line that calls it; created at):", ""]
-            out += [f"- {name if name.startswith('->') else f'`{name}`'}: {loc}"
-                    for name, loc in where]
+            out += [f"  - feeds `{name}`: {loc}" if is_norm else f"- `{name}`: {loc}"
+                    for is_norm, name, loc in where]
             out.append("")
     s = report.summary
     out.append(
