@@ -166,3 +166,14 @@ def test_many_layers_stay_readable() -> None:
     assert len(page.marks("c")) == 120
     width = float(next(a for t, a, _ in page.elements if t == "svg")["width"])
     assert width <= 1100
+
+
+def test_zero_and_infinite_values_stay_on_the_axis() -> None:
+    from varshift.html import Series, chart
+
+    svg = chart("v", ["a", "b", "c"], [Series("var", [0.0, 1.0, float("inf")], "circle")],
+                y_label="variance")
+    marks = Page(svg).marks("v")
+    assert [m["data-value"] for m in marks] == ["0.0", "1.0", "inf"]
+    ys = [float(m["cy"]) for m in marks]
+    assert ys[0] > ys[1] > ys[2]  # bottom, middle, top

@@ -157,7 +157,7 @@ def chart(
 ) -> str:
     """An SVG chart with one column per layer (in network order) and one mark per layer and
     series; log y axis from ``floor`` (default: the smallest value) to the largest value."""
-    values = _finite(v for s in series for v in s.values)
+    values = [v for v in _finite(v for s in series for v in s.values) if v > 0]  # log axis
     if not layers or not values:
         return ""
     n = len(layers)
@@ -191,7 +191,8 @@ def chart(
             v = s.values[i]
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 continue
-            drawn = min(v, 10 ** scale.hi) if math.isfinite(v) else 10 ** scale.hi
+            # off-scale values sit on the axis ends (a zero variance at the bottom)
+            drawn = min(max(v, 10 ** scale.lo), 10 ** scale.hi) if math.isfinite(v) else 10 ** scale.hi
             over = threshold is not None and v >= threshold
             cls = f"mark s{k}" + (" over" if over and s.shape == "bar" else "")
             attrs = (f'class="{cls}" data-series="{escape(s.name)}" data-layer="{escape(layer)}" '
