@@ -239,23 +239,35 @@ class _Builder:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    def __init__(self, record_stack_traces: bool = False) -> None:
+    def __init__(self, record_sources: bool = False) -> None:
         super().__init__()
-        # fx keeps the user's frames on every node (a node's source line); off for swap's
-        # GraphModules, which need no locations.
-        self.record_stack_traces = record_stack_traces
+        self.record_sources = record_sources
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.record_sources and kind in ("call_module", "call_function", "call_method"):
+            # The user's line that made this call, read off the live stack. (fx's own
+            # record_stack_traces imports torch._inductor on first use, seconds, and can
+            # swallow a Ctrl-C that lands in that import.)
+            node.meta[_SOURCE_KEY] = sources.caller_location(_FX_TRACE_CODE)
+        return node
+
+
+_SOURCE_KEY = "varshift_source"
+_FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
+
 
 def _fx_trace(
-    model: nn.Module, training: bool, record_stack_traces: bool = False
+    model: nn.Module, training: bool, record_sources: bool = False
 ) -> tuple[nn.Module, torch.fx.Graph]:
-    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises."""
+    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises.
+    ``record_sources`` keeps each call's source line in ``node.meta``."""
     with preserved_modes(model):
         model.train(training)
-        tracer = _LeafTracer(record_stack_traces)
+        tracer = _LeafTracer(record_sources)
         graph = tracer.trace(model)
     return tracer.root, graph
 
@@ -294,10 +306,10 @@ def _fx_to_dataflow(root: nn.Module, graph: torch.fx.Graph) -> DataflowGraph:
             op = b.add(str(node.target), CONSTANT, "get_attr")
         elif node.op == "call_module":
             op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs,
-                                   sources.from_stack_trace(node.stack_trace))
+                                   node.meta.get(_SOURCE_KEY))
         elif node.op in ("call_function", "call_method"):
             op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs,
-                                     lambda: sources.from_stack_trace(node.stack_trace))
+                                     node.meta.get(_SOURCE_KEY))
             if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
                 # fx nodes are values, not tensors: after `a.add_(b)` later uses of `a` still
                 # name a's node, whatever the in-place op's own node feeds. Rebind `a` (and the
@@ -343,11 +355,11 @@ def _fx_owner(node: torch.fx.Node) -> str:
 
 def fx_graph(model: nn.Module) -> DataflowGraph:
     """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
-    graph = _fx_to_dataflow(*_fx_trace(model, training=True, record_stack_traces=True))
+    graph = _fx_to_dataflow(*_fx_trace(model, training=True, record_sources=True))
     # Functional dropout that stays on at inference shows in an eval-mode trace. Only a model
     # with functional regularizers in train mode needs it (as in the dynamic trace).
     if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
-        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False, record_stack_traces=True))
+        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False, record_sources=True))
         graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
     return graph
 

@@ -3,9 +3,9 @@
 Two questions, two answers:
 
 * **call site**: the file and line whose code runs the op, innermost frame outside torch
-  (``x = self.drop(x)`` in a ``forward``, ``F.dropout(...)`` in a helper it calls). The fx
-  tracer records stack traces on its nodes; the dynamic tracer reads the Python stack at call
-  time (:func:`caller_location`).
+  (``x = self.drop(x)`` in a ``forward``, ``F.dropout(...)`` in a helper it calls). Both
+  tracers read the Python stack at call time (:func:`caller_location`): fx as it creates each
+  node, the dynamic tracer in its hooks.
 * **definition site** of a module: the line in an ``__init__`` that created it
   (``self.drop = nn.Dropout(0.5)``), found by reading the parent class's ``__init__`` source
   (:func:`definition_site`). Knowable only when that source is there and names the attribute
@@ -21,7 +21,6 @@ import ast
 import functools
 import inspect
 import os
-import re
 import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,6 @@ from .reports import SourceLocation
 if TYPE_CHECKING:
     import torch.nn as nn
 
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)')
 _VARSHIFT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -60,17 +58,6 @@ def display_path(filename: str) -> str:
 
 def location(filename: str, line: int, function: str | None) -> SourceLocation:
     return SourceLocation(display_path(filename), int(line), function)
-
-
-def from_stack_trace(stack_trace: str | None) -> SourceLocation | None:
-    """The innermost frame outside torch in an fx node's ``stack_trace`` (outermost first)."""
-    if not stack_trace:
-        return None
-    best = None
-    for m in _FRAME.finditer(stack_trace):
-        if not _is_internal(m["file"]):
-            best = m
-    return None if best is None else location(best["file"], int(best["line"]), best["function"])
 
 
 def caller_location(stop_code: Any = None) -> SourceLocation | None:
