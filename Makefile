@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(ARCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(ARCH_VENV)
 	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) $(ARCH_TORCH) $(TIMM)
-	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
+	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,lightning]'
 	touch $@
 
 # ruff and mypy only (no torch): fast, and mypy checks varshift's own types (pyproject.toml).

@@ -44,12 +44,22 @@ class Format(str, Enum):
     text = "text"
     json = "json"
     markdown = "markdown"
+    sarif = "sarif"
 
 
 class FailOn(str, Enum):
     error = "error"
     warning = "warning"
     never = "never"
+
+
+def _sarif_only_for_scan(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """SARIF describes findings in source files: only scan has them. Refused before any work."""
+    text = getattr(value, "value", value) or ""
+    sarif = text == "sarif" or str(text).lower().endswith((".sarif", ".sarif.json"))
+    if sarif and ctx.info_name != "scan":
+        raise typer.BadParameter("SARIF is only for `varshift scan` (use json, markdown or .html)")
+    return value
 
 
 def _version_callback(value: bool) -> None:
@@ -136,11 +146,14 @@ class DataOptions:
 class OutputOptions:
     """How to show the report (every command)."""
 
-    format: Annotated[Format, typer.Option("--format", help="Report format on stdout.")] = Format.text
+    format: Annotated[
+        Format, typer.Option("--format", help="Report format on stdout (sarif: scan only).",
+                             callback=_sarif_only_for_scan)
+    ] = Format.text
     report: Annotated[
         Optional[str],
-        typer.Option("--report", metavar="FILE",
-                     help="Also write the report to FILE (.json, .md, else --format)."),
+        typer.Option("--report", metavar="FILE", callback=_sarif_only_for_scan,
+                     help="Also write the report to FILE (.json, .md, .sarif, .html, else --format)."),
     ] = None
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stdout.")] = False
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from . import kinds
+from . import kinds, sources
 from ._torch_utils import fork_rng, preserved_modes, removing
 from .errors import TraceError, one_line
 
@@ -45,6 +45,9 @@ class Op:
         role: ``regularizer``, ``norm`` or None.
         reg: for a regularizer, its kind, p and (functional) training flag.
         inputs: indices of the ops whose *values* flow into this one.
+        source: for a regularizer or norm, the line whose code calls it (a
+            :class:`~varshift.reports.SourceLocation`), None when unknown.
+        defined_at: for a regularizer or norm module, the line that created it, when knowable.
     """
 
     index: int
@@ -54,6 +57,8 @@ class Op:
     role: str | None = None
     reg: kinds.RegularizerInfo | None = None
     inputs: tuple[int, ...] = ()
+    source: Any = None
+    defined_at: Any = None
 
 
 @dataclass
@@ -182,30 +187,49 @@ class _Builder:
         self.ops: list[Op] = []
         self.namer = Namer()
         self.module_types: dict[str, str] = {}
+        self._defined: dict[str, Any] = {}
 
     def add(self, name, kind, target, role=None, reg=None, inputs=()) -> Op:
         op = Op(len(self.ops), name, kind, target, role, reg, tuple(sorted(set(inputs))))
         self.ops.append(op)
         return op
 
-    def add_module_call(self, qualname: str, module: nn.Module, inputs) -> Op:
+    def _definition(self, qualname: str) -> Any:
+        if qualname not in self._defined:
+            self._defined[qualname] = sources.definition_site(self.model, qualname)
+        return self._defined[qualname]
+
+    def add_module_call(self, qualname: str, module: nn.Module, inputs, source=None) -> Op:
+        """A module call; ``source`` (the calling line) is kept for regularizers and norms,
+        and so is the line that created the module (nested regularizers: the host's call)."""
         role, reg = _role(module)
         self.module_types[qualname] = type(module).__name__
         op = self.add(qualname, MODULE, type(module).__name__, role, reg, inputs)
+        if role is not None:
+            op.source, op.defined_at = source, self._definition(qualname)
         if role != REGULARIZER:
             for suffix, type_name, sub_reg in _nested_regularizers(module):
                 full = f"{qualname}{suffix}"
                 kind = FUNCTION if ":" in suffix else MODULE
                 self.module_types[full] = type_name
                 op = self.add(full, kind, type_name, REGULARIZER, sub_reg, [op.index])
+                op.source = source
+                op.defined_at = self._definition(full) if kind == MODULE else None
         return op
 
-    def add_function_call(self, owner: str, fn: Any, args: tuple, kwargs: dict, inputs) -> Op:
+    def add_function_call(
+        self, owner: str, fn: Any, args: tuple, kwargs: dict, inputs, source: Any = None
+    ) -> Op:
+        """A functional call; ``source`` may be a location or a zero-argument callable that
+        finds it (called only for regularizers: reading the stack for every op is waste)."""
         name = kinds.function_name(fn)
         reg = kinds.regularizer_of_call(fn, args, kwargs) if not isinstance(fn, str) else None
         role = REGULARIZER if reg is not None else None
         qual = self.namer(owner, name) if reg is not None else f"{owner}:{name}"
-        return self.add(qual, FUNCTION, name, role, reg, inputs)
+        op = self.add(qual, FUNCTION, name, role, reg, inputs)
+        if role is not None:
+            op.source = source() if callable(source) else source
+        return op
 
     def graph(self, traced_with: str) -> DataflowGraph:
         return DataflowGraph(self.ops, traced_with, module_types=self.module_types)
@@ -215,15 +239,35 @@ class _Builder:
 
 
 class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, record_sources: bool = False) -> None:
+        super().__init__()
+        self.record_sources = record_sources
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.record_sources and kind in ("call_module", "call_function", "call_method"):
+            # The user's line that made this call, read off the live stack. (fx's own
+            # record_stack_traces imports torch._inductor on first use, seconds, and can
+            # swallow a Ctrl-C that lands in that import.)
+            node.meta[_SOURCE_KEY] = sources.caller_location(_FX_TRACE_CODE)
+        return node
 
-def _fx_trace(model: nn.Module, training: bool) -> tuple[nn.Module, torch.fx.Graph]:
-    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises."""
+
+_SOURCE_KEY = "varshift_source"
+_FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
+
+
+def _fx_trace(
+    model: nn.Module, training: bool, record_sources: bool = False
+) -> tuple[nn.Module, torch.fx.Graph]:
+    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises.
+    ``record_sources`` keeps each call's source line in ``node.meta``."""
     with preserved_modes(model):
         model.train(training)
-        tracer = _LeafTracer()
+        tracer = _LeafTracer(record_sources)
         graph = tracer.trace(model)
     return tracer.root, graph
 
@@ -261,9 +305,11 @@ def _fx_to_dataflow(root: nn.Module, graph: torch.fx.Graph) -> DataflowGraph:
         elif node.op == "get_attr":
             op = b.add(str(node.target), CONSTANT, "get_attr")
         elif node.op == "call_module":
-            op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs)
+            op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs,
+                                   node.meta.get(_SOURCE_KEY))
         elif node.op in ("call_function", "call_method"):
-            op = b.add_function_call(fx_owner(node), node.target, node.args, node.kwargs, inputs)
+            op = b.add_function_call(fx_owner(node), node.target, node.args, node.kwargs, inputs,
+                                     node.meta.get(_SOURCE_KEY))
             if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
                 # fx nodes are values, not tensors: after `a.add_(b)` later uses of `a` still
                 # name a's node, whatever the in-place op's own node feeds. Rebind `a` (and the
@@ -314,11 +360,11 @@ def fx_owner(node: torch.fx.Node) -> str:
 
 def fx_graph(model: nn.Module) -> DataflowGraph:
     """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
-    graph = _fx_to_dataflow(*_fx_trace(model, training=True))
+    graph = _fx_to_dataflow(*_fx_trace(model, training=True, record_sources=True))
     # Functional dropout that stays on at inference shows in an eval-mode trace. Only a model
     # with functional regularizers in train mode needs it (as in the dynamic trace).
     if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
-        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False))
+        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False, record_sources=True))
         graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
     return graph
 
@@ -385,7 +431,8 @@ class _DynamicTracer:
         if not self._tensors(out) and name not in ("__setitem__",) and not name.endswith("_"):
             return  # shape arithmetic and the like: nothing flows on
         owner = self.stack[-1] if self.stack else ""
-        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs)
+        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs,
+                                      lambda: sources.caller_location(_RUN_CODE))
         self._set_outputs(out, op)
         if kinds.is_inplace(func, args, kwargs) and args and isinstance(args[0], torch.Tensor):
             self._set_outputs(args[0], op)
@@ -411,7 +458,9 @@ class _DynamicTracer:
                 self.leaf_depth -= 1
                 if self.leaf_depth == 0:
                     inputs = self._pending_inputs.pop()
-                    op = self.b.add_module_call(name, module, inputs)
+                    # the hook runs inside the module's __call__: the caller's frame is above
+                    where = sources.caller_location(_RUN_CODE) if _keeps_source(module) else None
+                    op = self.b.add_module_call(name, module, inputs, where)
                     self._set_outputs(output, op)
 
         return hook
@@ -436,6 +485,14 @@ class _DynamicTracer:
                 out = model(example)
         self.b.add("output", OUTPUT, "output", inputs=self._producers(out))
         return self.b.graph("dynamic")
+
+
+_RUN_CODE = _DynamicTracer.run.__code__
+
+
+def _keeps_source(module: nn.Module) -> bool:
+    """True for regularizers and norms (the ops whose source locations are kept)."""
+    return _role(module)[0] is not None or bool(_nested_regularizers(module))
 
 
 def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> DataflowGraph:

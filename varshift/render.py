@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .reports import ScanReport, plural
 
-FORMATS = ("text", "json", "markdown")
+FORMATS = ("text", "json", "markdown", "sarif", "html")
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -45,9 +45,18 @@ def make_console(file: TextIO | None = None, width: int | None = None) -> Consol
 
 
 def render_to_string(report: Any, fmt: str, width: int = 120) -> str:
-    """The report in ``fmt`` (text, json, markdown) as a string; text has no control codes."""
+    """The report in ``fmt`` (text, json, markdown, sarif, html) as a string; text has no
+    control codes. ``sarif`` is for scan reports only (VarshiftError otherwise)."""
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2) + "\n"
+    if fmt == "sarif":
+        from .sarif import to_sarif
+
+        return json.dumps(to_sarif(report), indent=2) + "\n"
+    if fmt == "html":
+        from .html import to_html
+
+        return to_html(report)
     if fmt == "markdown":
         return markdown(report)
     buf = io.StringIO()
@@ -57,10 +66,15 @@ def render_to_string(report: Any, fmt: str, width: int = 120) -> str:
 
 
 def format_for_path(path: str, default: str) -> str:
-    """Pick a report file's format from its extension (.json, .md), else ``default``."""
+    """Pick a report file's format from its extension (.json, .md, .sarif, .html), else
+    ``default``."""
     lower = path.lower()
+    if lower.endswith((".sarif", ".sarif.json")):
+        return "sarif"
     if lower.endswith(".json"):
         return "json"
+    if lower.endswith((".html", ".htm")):
+        return "html"
     if lower.endswith((".md", ".markdown")):
         return "markdown"
     return default
@@ -180,6 +194,11 @@ def _(report: ScanReport):
                 f.remedy,
             )
         parts.append(table)
+    where = _where(report)
+    if where:
+        parts.append(Text("Where (the line that calls it; created at):\n" + "\n".join(
+            f"    -> {name}: {loc}" if is_norm else f"  {name}: {loc}"
+            for is_norm, name, loc in where)))
     quiet = [r for r in report.regularizers if not any(f.regularizer == r.name for f in report.findings)]
     if quiet:
         lines = [f"  {r.name} [{_call(r)}]: {_why_quiet(r)}" for r in quiet]
@@ -187,6 +206,33 @@ def _(report: ScanReport):
     parts += _remarks_text(report)
     parts.append(_verdict_text(bool(report), _worst(report), report.verdict))
     return Group(*parts)
+
+
+def _loc_text(source, defined_at, code: str = "") -> str | None:
+    """``file:line in fn (created at file:line)``, or None when neither is known."""
+    parts = []
+    if source is not None:
+        parts.append(f"{code}{source.file}:{source.line}{code}"
+                     + (f" in {code}{source.function}{code}" if source.function else ""))
+    if defined_at is not None:
+        parts.append(f"(created at {code}{defined_at.file}:{defined_at.line}{code})")
+    return " ".join(parts) or None
+
+
+def _where(report: ScanReport, code: str = "") -> list[tuple[bool, str, str]]:
+    """(is a norm, name, location) for each finding's regularizer and then its direct norms,
+    for those whose location is known; ``code`` wraps paths (Markdown backticks)."""
+    out: list[tuple[bool, str, str]] = []
+    for f in report.findings:
+        loc = _loc_text(f.source, f.defined_at, code)
+        if loc:
+            out.append((False, f.regularizer, loc))
+        for name in f.direct:
+            norm = report.norm(name)
+            nloc = norm and _loc_text(norm.source, norm.defined_at, code)
+            if nloc:
+                out.append((True, name, nloc))
+    return out
 
 
 def _traced(how: str) -> str:
@@ -222,6 +268,12 @@ def _(report: ScanReport) -> str:
             ["regularizer", "p", "direct norms", "norms reached", "predicted shift", "severity",
              "remedy"], rows))
         out.append("")
+        where = _where(report, code="`")
+        if where:
+            out += ["Where (the line that calls it; created at):", ""]
+            out += [f"  - feeds `{name}`: {loc}" if is_norm else f"- `{name}`: {loc}"
+                    for is_norm, name, loc in where]
+            out.append("")
     s = report.summary
     out.append(
         f"{plural(s['regularizers'], 'regularizer')} ({s['active_regularizers']} active), "

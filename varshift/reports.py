@@ -46,8 +46,27 @@ def _document(schema: str, body: dict) -> dict:
 
 
 @dataclass
+class SourceLocation:
+    """A line of Python source: ``file`` (relative to the current directory when inside it),
+    1-based ``line``, and the ``function`` it is in (None for a definition site)."""
+
+    file: str
+    line: int
+    function: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        return f"{where} in {self.function}" if self.function else where
+
+
+@dataclass
 class RegularizerEntry:
-    """A regularizer in the model (a module, or a functional call named ``owner:op``)."""
+    """A regularizer in the model (a module, or a functional call named ``owner:op``).
+
+    ``source`` is the line that calls it (None when unknown, e.g. a pickle whose source is
+    gone, or a call inside torch's own containers); ``defined_at`` the line that created the
+    module, when knowable.
+    """
 
     name: str
     kind: str
@@ -57,6 +76,8 @@ class RegularizerEntry:
     functional: bool
     reaches: list[str]
     always_on: bool = False
+    source: SourceLocation | None = None
+    defined_at: SourceLocation | None = None
 
 
 @dataclass
@@ -68,11 +89,17 @@ class NormEntry:
     affected: bool
     direct: bool
     reached_by: list[str]
+    source: SourceLocation | None = None
+    defined_at: SourceLocation | None = None
 
 
 @dataclass
 class Finding:
-    """One rule that fired, with what to do about it."""
+    """One rule that fired, with what to do about it.
+
+    ``source`` / ``defined_at``: the regularizer's (see :class:`RegularizerEntry`); the norms'
+    are in :attr:`ScanReport.norms`.
+    """
 
     rule: str
     severity: str
@@ -82,6 +109,8 @@ class Finding:
     predicted_shift: float | None
     remedy: str
     message: str
+    source: SourceLocation | None = None
+    defined_at: SourceLocation | None = None
 
 
 @dataclass
@@ -105,6 +134,14 @@ class ScanReport:
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
+
+    def regularizer(self, name: str) -> RegularizerEntry | None:
+        """The regularizer entry named ``name``, or None."""
+        return next((r for r in self.regularizers if r.name == name), None)
+
+    def norm(self, name: str) -> NormEntry | None:
+        """The norm entry named ``name``, or None."""
+        return next((n for n in self.norms if n.name == name), None)
 
     def failed(self, fail_on: str | None = None) -> bool:
         """True when a finding reaches ``fail_on`` (default: the report's own ``fail_on``;

@@ -117,6 +117,8 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
             functional=first.kind == FUNCTION,
             reaches=reaches,
             always_on=is_always_on,
+            source=first.source,
+            defined_at=first.defined_at,
         )
         regularizers.append(entry)
         if is_always_on:
@@ -134,7 +136,8 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
     for op in graph.always_on:
         if op.name not in seen:
             assert op.reg is not None
-            entry = RegularizerEntry(op.name, op.reg.kind, op.target, op.reg.p, True, True, [], True)
+            entry = RegularizerEntry(op.name, op.reg.kind, op.target, op.reg.p, True, True, [], True,
+                                     op.source, op.defined_at)
             regularizers.append(entry)
             findings.append(_inference_finding(entry, []))
 
@@ -145,6 +148,8 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
             affected=bool(reached_by[name]),
             direct=name in direct_norms,
             reached_by=reached_by[name],
+            source=ops[0].source,
+            defined_at=ops[0].defined_at,
         )
         for name, ops in norm_groups.items()
     ]
@@ -197,6 +202,8 @@ def _shift_finding(
         predicted_shift=shift,
         remedy=remedy,
         message=message,
+        source=reg.source,
+        defined_at=reg.defined_at,
     )
 
 
@@ -211,4 +218,6 @@ def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
         remedy=f"pass training=self.training to {reg.type}() so it is off in eval mode",
         message=f"{reg.name} [{reg.type}(p={reg.p:g})] is active in eval mode: every "
         "inference is random",
+        source=reg.source,
+        defined_at=reg.defined_at,
     )
