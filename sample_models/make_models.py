@@ -7,9 +7,13 @@ Run from the repository root::
 
 Needs scikit-learn (``pip install -e .[train]``) for ``load_digits``, which ships inside the
 package (no download). Everything is deterministic: fixed seeds, one thread, deterministic
-algorithms; running it twice writes byte-identical files (torch.save's zip has fixed
-timestamps and its ``.data/serialization_id`` is a hash of the contents, and the archive's
-inner folder is named after the file, so we save straight to the final path).
+algorithms; running it twice on one machine writes byte-identical files (torch.save's zip has
+fixed timestamps and its ``.data/serialization_id`` is a hash of the contents, and the
+archive's inner folder is named after the file, so we save straight to the final path).
+The data files are the same bytes on every machine; the trained models only on CPUs that run
+the same kernels: torch picks its vectorized kernels by the CPU's instruction set (printed
+first, "cpu capability"), and 30 epochs of SGD turn their last-bit differences into different
+weights (see sample_models/README.md, "Determinism and checksums").
 
 Writes:
     digits_dropout_bn.pt        whole nn.Sequential, nn.Dropout upstream of BatchNorm (shifted)
@@ -296,6 +300,8 @@ def main(out: Path = HERE) -> None:
     x_train, y_train, x_test, y_test = load_data()
     pick = torch.from_numpy(np.random.RandomState(SEED + 1).permutation(len(y_train))[:N_CALIB])
     x_calib, y_calib = x_train[pick].contiguous(), y_train[pick].contiguous()
+    print(f"torch {torch.__version__}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()} (the trained bytes depend on it)")
     print(f"train {len(y_train)}, test {len(y_test)}, calibration {len(y_calib)} (from train)")
 
     torch.manual_seed(SEED + 10)

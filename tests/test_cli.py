@@ -105,7 +105,7 @@ def test_markdown(cli, models) -> None:
     assert result.code == 1
     lines = result.out.splitlines()
     assert lines[0] == f"### varshift scan: {models['error']} (Sequential)"
-    assert "| regularizer | p | direct norms | downstream | predicted shift | severity | remedy |" in lines
+    assert "| regularizer | p | direct norms | norms reached | predicted shift | severity | remedy |" in lines
     assert any(line.startswith("| `1` (Dropout) | 0.2 | `3` | 2 | 1.25x | error |") for line in lines)
     assert not ANSI.search(result.out)
 

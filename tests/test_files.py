@@ -144,3 +144,38 @@ def test_console_script_and_module_resolve_modules_alike(tmp_path):
                                capture_output=True, text=True, timeout=120)
     assert as_script.returncode == as_module.returncode == 1, (as_script.stderr, as_module.stderr)
     assert json.loads(as_script.stdout)["findings"] == json.loads(as_module.stdout)["findings"]
+
+
+def test_probe_after_swap_without_data_blames_the_swap_not_the_data(tmp_path):
+    """Uout keeps the variance, so the BatchNorms of a swapped model that was not recalibrated
+    still hold dropout's statistics: probe says so instead of suspecting the data."""
+    out = tmp_path / "swapped.pt"
+    varshift.swap_file(DROPOUT_BN, out)
+    rep = varshift.probe_file(out, CALIB, max_batches=2, device="cpu")
+    assert not rep and rep.worst.name == "5" and rep.worst.train_shift < 1.05
+    assert "Uout upstream (4)" in rep.verdict and "recalibrate" in rep.verdict
+    assert "calibration data may differ" not in rep.verdict
+    fixed = varshift.recalibrate_file(out, CALIB, tmp_path / "fixed.pt", max_batches=2,
+                                      device="cpu")
+    assert fixed and varshift.probe_file(tmp_path / "fixed.pt", CALIB, max_batches=2,
+                                         device="cpu")
+
+
+def test_file_functions_print_nothing(tmp_path, capsys):
+    """Library functions return reports; only the CLI prints."""
+    varshift.scan_file(DROPOUT_BN)
+    varshift.probe_file(DROPOUT_BN, CALIB, max_batches=1, device="cpu")
+    varshift.recalibrate_file(DROPOUT_BN, CALIB, tmp_path / "r.pt", max_batches=1, device="cpu")
+    varshift.swap_file(DROPOUT_BN, tmp_path / "s.pt")
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
+def test_file_functions_refuse_bad_outputs_before_any_work(tmp_path):
+    """Output paths are checked first: nothing is loaded, nothing written."""
+    with pytest.raises(varshift.VarshiftError, match="is an input file"):
+        varshift.recalibrate_file(DROPOUT_BN, CALIB, CALIB)
+    with pytest.raises(varshift.VarshiftError, match="same file"):
+        varshift.swap_file(DROPOUT_BN, tmp_path / "x.pt", onnx=tmp_path / "x.pt",
+                           input_shape="1,1,8,8")
+    assert list(tmp_path.iterdir()) == []

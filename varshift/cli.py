@@ -546,7 +546,7 @@ def run() -> None:
     """Console-script entry point (``varshift`` and ``python -m varshift``).
 
     Both put the current directory first on ``sys.path``, as ``python -m`` does, so that
-    ``--arch`` / ``--data`` / ``--call`` specs like ``mypkg.models:build`` resolve the same
+    ``--arch`` and ``--data`` specs like ``mypkg.models:build`` resolve the same
     way whichever way varshift was started.
     """
     cwd = os.getcwd()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 import numpy as np
 import torch
 
-from .errors import DataError, VarshiftError
+from .errors import ArchError, DataError, VarshiftError, one_line
 from .loading import check_readable, memory_bound, resolve_arch, safe_globals
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
@@ -219,7 +219,7 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             raise DataError(f"refused to load DATA {path}: it asks for more memory than a file "
                             "of its size can hold, or calls a constructor torch.save never "
                             "writes; it is damaged or crafted") from None
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = one_line(exc)
         if "Weights only load failed" in str(exc):
             raise DataError(
                 f"DATA {path} needs classes outside varshift's safe list; save plain tensors "
@@ -287,9 +287,9 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     try:
-        fn = resolve_arch(spec)
-    except Exception as exc:  # ArchError's message talks about --arch: reword for --data
-        raise DataError(str(exc).replace("--arch", "--data"))
+        fn = resolve_arch(spec, option="--data")
+    except ArchError as exc:
+        raise DataError(str(exc)) from None
 
     def make() -> Iterator[Any]:
         try:
@@ -298,7 +298,7 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
             raise
         except (Exception, SystemExit) as exc:  # the user's code failed (or exited): bad input
             raise DataError(f"--data {spec!r}: calling it failed ({type(exc).__name__}: "
-                            f"{_short(exc)})") from exc
+                            f"{one_line(exc)})") from exc
         if _is_array(result):  # iterating it would yield single samples, not batches
             raise DataError(
                 f"--data {spec!r} returned a single {type(result).__name__} of shape "
@@ -316,14 +316,6 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
     return Calibration(spec, make, max_batches)
 
 
-def _short(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), at most 200 chars."""
-    if isinstance(exc, SystemExit):
-        return f"it called sys.exit({exc.code!r})"
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
     """Re-raise errors from the user's iterator as DataError, naming the batch."""
     index = 0
@@ -336,7 +328,7 @@ def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
             raise
         except (Exception, SystemExit) as exc:
             raise DataError(f"--data {spec!r} failed while producing batch {index} "
-                            f"({type(exc).__name__}: {_short(exc)})") from exc
+                            f"({type(exc).__name__}: {one_line(exc)})") from exc
         yield raw
         del raw  # hold no batch while the caller works on it
         index += 1

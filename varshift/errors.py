@@ -1,9 +1,39 @@
-"""User errors: every exception class varshift raises on purpose lives here.
+"""User errors: every exception class varshift raises on purpose lives here, and the one
+helper that turns any exception into the one line such a message quotes (:func:`one_line`).
 
 Every :class:`VarshiftError` is a problem with the input or the usage (a missing file, a
 refused pickle, data that does not fit the model, ...). The CLI prints its message as one
 line on stderr and exits 2. Any other exception is a bug in varshift and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import re
+
+
+def one_line(exc: BaseException | Warning | str, limit: int = 300, *, root: bool = False,
+             typed: bool = False) -> str:
+    """An exception's message on one line: its first paragraph with whitespace collapsed and
+    terminal colours removed (the type's name when the message is empty), cut to ``limit``
+    characters.
+
+    Args:
+        root: describe the root cause (follow ``__cause__``) instead of ``exc`` itself.
+        typed: prefix the type's name, ``"ValueError: ..."``.
+    """
+    if root:
+        while isinstance(exc, BaseException) and exc.__cause__ is not None:
+            exc = exc.__cause__
+    if isinstance(exc, SystemExit):  # user code that exited: its code, not an empty message
+        return f"it called sys.exit({exc.code!r})"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    line = " ".join(re.split(r"\n\s*\n", text, maxsplit=1)[0].split())
+    if isinstance(exc, BaseException):
+        if typed:
+            line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+        elif not line:
+            line = type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class VarshiftError(Exception):

@@ -24,7 +24,6 @@ import io
 import itertools
 import math
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._io import atomic_path, check_output_path, is_write_failure
-from .errors import ExportError, OutputError, VarshiftError
+from .errors import ExportError, OutputError, VarshiftError, one_line
 from .reports import ParityCheck, ParityResult
 
 if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (so that `varshift --help` stays instant)
@@ -164,7 +163,7 @@ def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None
         work = copy.deepcopy(model)
     except Exception as exc:  # e.g. a module holding an open file or a lock
         raise ExportError(f"cannot copy {type(model).__name__} for export (the original is "
-                          f"never changed): {_one_line(exc)}") from exc
+                          f"never changed): {one_line(exc, root=True, typed=True)}") from exc
     work = work.to("cpu").eval()
     # The same input handling as probe and recalibrate: integer images (and float64 data)
     # take the model's floating dtype; token ids stay integers for models that embed them.
@@ -183,7 +182,7 @@ def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None
 
             what = "the example input" if example_input is not None else "calibration batch 1"
             raise DataError(f"{what} (shape {_shapes(example)}) does not fit "
-                            f"{type(model).__name__}: {_one_line(exc)}") from exc
+                            f"{type(model).__name__}: {one_line(exc, root=True, typed=True)}") from exc
     return work, example, batch_list
 
 
@@ -202,12 +201,12 @@ def _as_inputs(value: Any, what: str) -> tuple[torch.Tensor, ...]:
 
 
 def _batch_inputs(batch: Any) -> Any:
-    """The inputs of one calibration batch: a tensor, or the first item of a pair / dict."""
+    """The inputs of one calibration batch: a tensor, the first item of a pair, or a dict's
+    inputs under the same keys calibration data uses (``varshift.data.INPUT_KEYS``)."""
     if isinstance(batch, dict):
-        for key in ("inputs", "x", "input"):
-            if key in batch:
-                return batch[key]
-        return batch
+        from .data import INPUT_KEYS
+
+        return next((batch[k] for k in INPUT_KEYS if k in batch), batch)
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     return batch
@@ -267,19 +266,19 @@ def _export(model: nn.Module, example: tuple, tmp: Path, opset: int | None,
                 _run_exporter(exporter, model, trace_input, tmp, opset)
             except Exception as exc:  # any exporter failure: try the next, then report
                 if is_write_failure(exc):  # a full disk is not the model's fault
-                    raise OutputError(f"cannot write the ONNX file ({_one_line(exc)}); "
+                    raise OutputError(f"cannot write the ONNX file ({one_line(exc)}); "
                                       "nothing was written") from exc
                 failed = exc
             else:
                 failed = None
         logs.append(f"--- {exporter} exporter\n{log.text}")
         if failed is None and tmp.is_file() and tmp.stat().st_size > 0:
-            notes = [f"the {e} exporter failed ({_one_line(x)}); used the {exporter} exporter"
+            notes = [f"the {e} exporter failed ({one_line(x, root=True, typed=True)}); used the {exporter} exporter"
                      for e, x in errors]
             notes += _tracer_notes(log.warnings)
             return exporter, notes
         errors.append((exporter, failed or RuntimeError("the exporter wrote no file")))
-    reasons = "; ".join(f"{e} exporter: {_one_line(x)}" for e, x in errors)
+    reasons = "; ".join(f"{e} exporter: {one_line(x, root=True, typed=True)}" for e, x in errors)
     raise ExportError(f"cannot export {name} to ONNX: {reasons}",
                       log="\n".join(logs)) from errors[0][1]
 
@@ -315,32 +314,18 @@ def _check_model(path: Path, name: str) -> None:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ExportError(f"the ONNX file exported from {name} is not valid ONNX: "
-                          f"{_one_line(exc)}") from exc
+                          f"{one_line(exc, root=True, typed=True)}") from exc
 
 
 def _tracer_notes(caught: list[warnings.WarningMessage]) -> list[str]:
     notes, seen = [], set()
     for w in caught:
         if w.category.__name__ == "TracerWarning":
-            msg = _one_line(w.message, limit=200)
+            msg = one_line(w.message, limit=200, root=True, typed=True)
             if msg not in seen:
                 seen.add(msg)
                 notes.append(f"tracer warning: {msg}")
     return notes
-
-
-def _one_line(exc: BaseException | Warning | str, limit: int = 300) -> str:
-    """The root cause of ``exc`` as ``Type: first paragraph`` on one line, at most ``limit``
-    characters."""
-    root = exc
-    while isinstance(root, BaseException) and root.__cause__ is not None:
-        root = root.__cause__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip()  # no terminal colours
-    paragraph = re.split(r"\n\s*\n", text, maxsplit=1)[0]
-    line = " ".join(paragraph.split())
-    if isinstance(root, BaseException):
-        line = f"{type(root).__name__}: {line}" if line else type(root).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass
@@ -445,9 +430,9 @@ def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
                     from .errors import DataError
 
                     raise DataError(f"{label} (shape {_shapes(inputs)}) does not fit "
-                                    f"{type(model).__name__}: {_one_line(exc)}") from exc
+                                    f"{type(model).__name__}: {one_line(exc, root=True, typed=True)}") from exc
                 # a model that cannot run this batch size at all cannot have a file that does
-                check.error = f"the PyTorch model fails at this batch size: {_one_line(exc)}"
+                check.error = f"the PyTorch model fails at this batch size: {one_line(exc, root=True, typed=True)}"
                 references.append(None)
     n_outputs = next((len(r) for r in references if r is not None), 0)
     notes: list[str] = []
@@ -456,7 +441,7 @@ def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
             session = _session(path)
         except Exception as exc:
             session = None
-            notes.append(f"onnxruntime cannot load the file: {_one_line(exc)}")
+            notes.append(f"onnxruntime cannot load the file: {one_line(exc, root=True, typed=True)}")
         for check, (_, inputs), reference in zip(checks, runs, references):
             if reference is None:
                 continue
@@ -466,7 +451,7 @@ def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
             try:
                 got = _run_session(session, inputs)
             except Exception as exc:
-                check.error = f"onnxruntime failed: {_one_line(exc)}"
+                check.error = f"onnxruntime failed: {one_line(exc, root=True, typed=True)}"
                 continue
             _compare(check, got, reference, atol, rtol)
         del session  # free its threads and memory now

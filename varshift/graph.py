@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import kinds
 from ._torch_utils import fork_rng, preserved_modes, removing
-from .errors import TraceError
+from .errors import TraceError, one_line
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
 REGULARIZER, NORM = "regularizer", "norm"
@@ -139,7 +139,7 @@ def _value_inputs(name: str, args: Iterable[Any], first_only: bool) -> list[Any]
     return args
 
 
-class _Namer:
+class Namer:
     """Names functional ops ``owner:op``, with ``_1``, ``_2`` ... for repeats in one owner."""
 
     def __init__(self) -> None:
@@ -180,7 +180,7 @@ class _Builder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.ops: list[Op] = []
-        self.namer = _Namer()
+        self.namer = Namer()
         self.module_types: dict[str, str] = {}
 
     def add(self, name, kind, target, role=None, reg=None, inputs=()) -> Op:
@@ -263,7 +263,7 @@ def _fx_to_dataflow(root: nn.Module, graph: torch.fx.Graph) -> DataflowGraph:
         elif node.op == "call_module":
             op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs)
         elif node.op in ("call_function", "call_method"):
-            op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs)
+            op = b.add_function_call(fx_owner(node), node.target, node.args, node.kwargs, inputs)
             if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
                 # fx nodes are values, not tensors: after `a.add_(b)` later uses of `a` still
                 # name a's node, whatever the in-place op's own node feeds. Rebind `a` (and the
@@ -304,7 +304,7 @@ def _nodes_in(obj: Any) -> list[torch.fx.Node]:
     return found
 
 
-def _fx_owner(node: torch.fx.Node) -> str:
+def fx_owner(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -462,14 +462,9 @@ def dynamic_graph(model: nn.Module, example: torch.Tensor) -> DataflowGraph:
         shape = tuple(example.shape)
         raise TraceError(
             f"the model does not run on an example input of shape {shape}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"{type(exc).__name__}: {one_line(exc)}"
         ) from exc
     return graph
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> DataflowGraph:
@@ -485,7 +480,7 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Datafl
         if example_input is None:
             raise TraceError(
                 f"torch.fx cannot trace {type(model).__name__} ({type(fx_exc).__name__}: "
-                f"{_first_line(fx_exc)}); pass --input-shape (for example --input-shape "
+                f"{one_line(fx_exc)}); pass --input-shape (for example --input-shape "
                 "1,3,224,224) so varshift can trace it by running it once on an example input"
             ) from fx_exc
     return dynamic_graph(model, example_input)

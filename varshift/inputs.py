@@ -40,9 +40,9 @@ def expected_input(model: nn.Module) -> str | None:
 
 def fit_error(model: nn.Module, x: torch.Tensor, exc: BaseException, where: str = "DATA"):
     """A one-line DataError for inputs that do not fit ``model``."""
-    from .errors import DataError
+    from .errors import DataError, one_line
 
-    detail = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    detail = one_line(exc, 240)
     expected = expected_input(model)
     hint = f"; {expected}" if expected else ""
     return DataError(

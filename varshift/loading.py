@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch
+from .errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch, one_line
 
 #: Checkpoint keys that hold the model's state dict, in order of preference.
 STATE_DICT_KEYS = (
@@ -261,10 +261,10 @@ def _torch_load(path: Path, trust: bool) -> Any:
             ) from None
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             raise _refusal(path, exc) from None
-        raise LoadError(f"{path} is truncated or corrupt (unpickling failed: {_short(exc)})")
+        raise LoadError(f"{path} is truncated or corrupt (unpickling failed: {one_line(exc)})")
     except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ModuleNotFoundError,
             ImportError, TypeError, IndexError, KeyError) as exc:
-        text = _short(exc)
+        text = one_line(exc)
         if not trust and "can't allocate memory" in text:  # torch's allocator under the bound
             raise _too_big(path) from None
         if ("central directory" in text or "zip archive" in text or "unexpected EOF" in text
@@ -353,7 +353,7 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
         # Not a class the allow-list lacks: an opcode or record the safe unpickler does not
         # read (a legacy whole-module save stores source code; protocol > 2), or damage.
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-        detail = reason.group(1).strip() if reason else _short(exc)
+        detail = reason.group(1).strip() if reason else one_line(exc)
         return RefusedPickleError(
             f"refused to unpickle {path}: the safe loader cannot read it ({detail[:200]}); it is "
             "damaged, or a legacy whole-module save or pickle protocol that only full unpickling "
@@ -366,13 +366,6 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
         f"(torch.nn and varshift); {advice}",
         needed,
     )
-
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, SystemExit):
-        return f"it called sys.exit({exc.code!r})"
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- arch
@@ -393,38 +386,39 @@ def parse_arch_args(text: str | None) -> dict:
     return value
 
 
-def resolve_arch(spec: str) -> Callable:
-    """Import ``pkg.module:callable`` or ``path/to/file.py:callable``."""
+def resolve_arch(spec: str, option: str = "--arch") -> Callable:
+    """Import ``pkg.module:callable`` or ``path/to/file.py:callable``; error messages name
+    ``option`` (``--arch``, ``--data``, ...)."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ArchError(
-            f"--arch {spec!r} must be pkg.module:callable or path/to/file.py:callable"
+            f"{option} {spec!r} must be pkg.module:callable or path/to/file.py:callable"
         )
     if target.endswith(".py") or os.sep in target or "/" in target:
-        module = _import_file(Path(target), spec)
+        module = _import_file(Path(target), spec, option)
     else:
         try:
             module = importlib.import_module(target)
         except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
-            raise ArchError(f"--arch {spec!r}: cannot import {target!r} from the current "
-                            f"directory or sys.path ({type(exc).__name__}: {_short(exc)})")
+            raise ArchError(f"{option} {spec!r}: cannot import {target!r} from the current "
+                            f"directory or sys.path ({type(exc).__name__}: {one_line(exc)})")
     fn = getattr(module, attr, None)
     if fn is None:
         options = sorted(
             n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
         )
         raise ArchError(
-            f"--arch {spec!r}: {target} has no attribute {attr!r}; callables there: "
+            f"{option} {spec!r}: {target} has no attribute {attr!r}; callables there: "
             f"{', '.join(options[:12]) or 'none'}"
         )
     if not callable(fn):
-        raise ArchError(f"--arch {spec!r}: {attr} is a {type(fn).__name__}, not callable")
+        raise ArchError(f"{option} {spec!r}: {attr} is a {type(fn).__name__}, not callable")
     return fn
 
 
-def _import_file(path: Path, spec: str):
+def _import_file(path: Path, spec: str, option: str = "--arch"):
     if not path.is_file():
-        raise ArchError(f"--arch {spec!r}: no such file {path}")
+        raise ArchError(f"{option} {spec!r}: no such file {path}")
     # Import it under its own file name when that is free, as `python file.py`'s neighbours
     # would: then whole-module pickles of its classes name `<stem>.<Class>`, importable again
     # with the folder on sys.path (or with the same --arch, which is imported before unpickling).
@@ -440,7 +434,7 @@ def _import_file(path: Path, spec: str):
             return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, path)
     if loader_spec is None or loader_spec.loader is None:
-        raise ArchError(f"--arch {spec!r}: {path} is not an importable Python file")
+        raise ArchError(f"{option} {spec!r}: {path} is not an importable Python file")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module
     folder = str(path.resolve().parent)
@@ -449,8 +443,8 @@ def _import_file(path: Path, spec: str):
         loader_spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         del sys.modules[name]
-        raise ArchError(f"--arch {spec!r}: importing {path} failed ({type(exc).__name__}: "
-                        f"{_short(exc)})")
+        raise ArchError(f"{option} {spec!r}: importing {path} failed ({type(exc).__name__}: "
+                        f"{one_line(exc)})")
     finally:
         sys.path.remove(folder)
     return module
@@ -465,7 +459,7 @@ def build_arch(spec: str, arch_args: dict) -> Any:
         module = fn(**arch_args)
     except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
         raise ArchError(f"--arch {spec!r}: calling it with {json.dumps(arch_args)} failed "
-                        f"({type(exc).__name__}: {_short(exc)})")
+                        f"({type(exc).__name__}: {one_line(exc)})")
     if not isinstance(module, nn.Module):
         raise ArchError(f"--arch {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
     return module

@@ -25,8 +25,8 @@ class ScratchStats:
     ``num_batches_tracked`` for private copies and sets ``momentum = 1``: a train-mode forward
     then normalizes with batch statistics (as in training) and leaves that batch's mean and
     unbiased variance in the scratch buffers, computed by BatchNorm's own kernel, so they are
-    read rather than computed twice. ``original()`` puts the model's own tensors back (the same
-    objects); ``restore()`` also restores momentum. Use as a context manager, which restores on
+    read rather than computed twice. ``original()`` (alias ``restore()``) puts the model's own
+    tensors (the same objects) and momentum back. Use as a context manager, which restores on
     exit, also when the body raises.
     """
 

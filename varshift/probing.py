@@ -27,7 +27,7 @@ from .errors import DataError, TraceError
 from .inputs import fit_error, input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .reports import LayerShift, ProbeReport
-from .stats import ChannelMoments, require_finite
+from .stats import ChannelMoments, require_finite, shift_ratio
 
 if TYPE_CHECKING:
     from .graph import DataflowGraph
@@ -150,6 +150,7 @@ def probe(
         threshold=threshold,
         traced_with=scan_report.traced_with,
         data=getattr(cal, "source", None),
+        regularizer_kinds={r.name: r.kind for r in scan_report.regularizers},
     )
     unused = [name for name in norms if eval_stats.calls[name] == 0]
     if unused:
@@ -158,21 +159,6 @@ def probe(
         )
     _check_calibration(report)
     return report
-
-
-def _ratio_shift(a: float, b: float) -> float:
-    """``max(a/b, b/a)``; inf when exactly one is zero or infinite, or when the ratio
-    over- or underflows; nan when either is nan."""
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    if a == b:
-        return 1.0
-    if a == 0 or b == 0 or math.isinf(a) or math.isinf(b):
-        return math.inf
-    r = a / b
-    if r == 0 or math.isinf(r):  # the ratio itself left float range
-        return math.inf
-    return max(r, 1 / r)
 
 
 def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, calls) -> LayerShift:
@@ -198,8 +184,8 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
         running_var_mean=rv.mean().item(),
         eval_var_mean=e_var.mean().item(),
         train_var_mean=t_var_mean,
-        shift=_ratio_shift(e_var.mean().item(), rv.mean().item()),
-        train_shift=_ratio_shift(t_var_mean, e_var.mean().item()),
+        shift=shift_ratio(e_var.mean().item(), rv.mean().item()),
+        train_shift=shift_ratio(t_var_mean, e_var.mean().item()),
         channel_shift_median=per_channel.median().item(),
         channel_shift_max=per_channel.max().item(),
         running_mean_mean=rm.mean().item(),
@@ -213,7 +199,7 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
 def _check_calibration(report: ProbeReport) -> None:
     """Warn when unaffected layers' train-mode variance is far from their running variance."""
     off = [
-        (l, _ratio_shift(l.train_var_mean, l.running_var_mean))
+        (l, shift_ratio(l.train_var_mean, l.running_var_mean))
         for l in report.layers
         if l.affected is False
     ]

@@ -33,7 +33,7 @@ from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .probing import Progress, forward, scan_for
 from .reports import LayerFix, Metrics, RecalibrationReport
-from .stats import ChannelMoments, require_finite, require_spread
+from .stats import ChannelMoments, require_finite, require_spread, shift_ratio
 
 
 def recalibrate(
@@ -334,13 +334,7 @@ def _shift(stats: InputStats, name: str, running_var_mean: float) -> float:
     moments = stats.moments[name]
     if moments.mean is None:
         return math.nan
-    ev = moments.var.mean().item()
-    if ev == running_var_mean:
-        return 1.0
-    if ev == 0 or running_var_mean == 0:
-        return math.inf
-    r = ev / running_var_mean
-    return max(r, 1 / r)
+    return shift_ratio(moments.var.mean().item(), running_var_mean)
 
 
 class _MetricSums:

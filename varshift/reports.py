@@ -240,6 +240,7 @@ class ProbeReport:
     notes: list[str] = field(default_factory=list)
     source: str | None = None
     data: str | None = None
+    regularizer_kinds: dict[str, str] = field(default_factory=dict)  # name -> kind (scan's)
 
     schema = "varshift.probe/1"
 
@@ -277,6 +278,16 @@ class ProbeReport:
             cause = (
                 f"the train-mode pass reproduces it ({worst.train_shift:.3f}x): dropout upstream "
                 f"({', '.join(worst.reached_by[:2]) or 'a regularizer'}) is the cause"
+            )
+        elif worst.affected and worst.reached_by and all(
+                self.regularizer_kinds.get(r) == "uout" for r in worst.reached_by):
+            # Uout barely changes the variance: the statistics were recorded under another
+            # regularizer, i.e. dropout was swapped for Uout and the BatchNorms kept its numbers
+            cause = (
+                f"the train-mode pass explains only {worst.train_shift:.3f}x of it: Uout upstream "
+                f"({', '.join(worst.reached_by[:2])}) barely changes the variance, so the running "
+                "statistics were recorded under the regularizer it replaced; recalibrate "
+                "(varshift recalibrate) or fine-tune the swapped model"
             )
         elif worst.affected:
             cause = (

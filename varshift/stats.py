@@ -7,6 +7,8 @@ are merged with Chan et al.'s parallel update, so the result is the mean and var
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -111,3 +113,19 @@ def require_spread(moments: ChannelMoments, layer: str) -> None:
         f"the calibration data gives {layer or '(root)'} constant inputs (zero variance in "
         "every channel); recalibrating on it would zero its running variance: use varied data"
     )
+
+
+def shift_ratio(a: float, b: float) -> float:
+    """The variance shift between two variances, ``max(a/b, b/a)`` (the paper's ``max(r, 1/r)``);
+    1 when equal, inf when exactly one is zero or infinite or when the ratio over- or
+    underflows (never a ZeroDivisionError), nan when either is nan."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if a == b:
+        return 1.0
+    if a == 0 or b == 0 or math.isinf(a) or math.isinf(b):
+        return math.inf
+    r = a / b
+    if r == 0 or math.isinf(r):  # the ratio itself left float range
+        return math.inf
+    return max(r, 1 / r)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import kinds
 from ._torch_utils import check_materialized, replace_submodule
 from .errors import VarshiftError
-from .graph import _fx_owner, _Namer, fx_graph_module
+from .graph import Namer, fx_graph_module, fx_owner
 from .reports import SwapEntry, SwapReport
 from .uout import Uout
 
@@ -145,7 +145,7 @@ def _call_key(node: torch.fx.Node, info: kinds.RegularizerInfo) -> tuple:
     if isinstance(source, torch.fx.Node):
         feeder = source.op if source.op in ("placeholder", "get_attr") else (
             kinds.function_name(source.target) if source.op != "call_module" else str(source.target))
-    return (_fx_owner(node), kinds.function_name(node.target), info.p, feeder)
+    return (fx_owner(node), kinds.function_name(node.target), info.p, feeder)
 
 
 def _eval_call_names(model: nn.Module, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
@@ -158,7 +158,7 @@ def _eval_call_names(model: nn.Module, gm: torch.fx.GraphModule) -> dict[torch.f
     for calls whose feeder differs between the modes, of the next unclaimed call of the same
     owner and op.
     """
-    namer = _Namer()
+    namer = Namer()
     exact: dict[tuple, list[str]] = defaultdict(list)
     loose: dict[tuple, list[str]] = defaultdict(list)
     for node, info in _regularizer_calls(fx_graph_module(model, training=True)):
