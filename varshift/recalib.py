@@ -9,10 +9,17 @@ Two estimators (DESIGN.md, issue "recalibrate"):
   not recomputed). ``torch.optim.swa_utils.update_bn`` instead leaves dropout on and averages
   per-batch variances.
 * ``exact``: each target norm's statistics are the population statistics of its input on the
-  *inference path*, with every upstream norm already in eval mode with its new statistics. Norms
-  are grouped into dependency levels (a norm's level is one more than the deepest target norm
-  upstream of it); one pass per level, and a pass stops as soon as the last norm of its level has
-  run. Afterwards the shift of every recalibrated norm, measured on the same data, is 1.
+  *inference path*, with every upstream norm already in eval mode with its new statistics.
+  Afterwards the shift of every recalibrated norm, measured on the same data, is 1. Two paths
+  compute the same statistics:
+
+  - ``frontier`` (:mod:`varshift.frontier`): the model's eval-mode torch.fx graph runs over all
+    batches at once, cut before each target norm; about one forward pass of work, with the
+    values alive at the cut kept within ``cache_mb`` (spilled to a temporary directory beyond).
+  - ``levels``: norms are grouped into dependency levels (a norm's level is one more than the
+    deepest target norm upstream of it); one pass per level, and a pass stops as soon as the
+    last norm of its level has run. For models fx cannot trace, or whose norms run more than
+    once per forward.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
+from . import frontier
 from .data import as_batches, peek
+from .errors import VarshiftError
+from .frontier import check_cache_mb
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules
 from .probing import Progress, forward, scan_for
-from .reports import LayerFix, Metrics, RecalibrationReport
+from .reports import ExactInfo, LayerFix, Metrics, RecalibrationReport
 from .stats import ChannelMoments
 
 
@@ -48,6 +58,8 @@ def recalibrate(
     threshold: float = 1.1,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    cache_mb: float | None = None,
+    exact_path: str = "auto",
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
 
@@ -65,12 +77,21 @@ def recalibrate(
             reaches it.
         device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)``.
+        cache_mb: with ``exact``, the memory (MiB) the frontier's kept activations may use;
+            beyond it they are spilled to a temporary directory, removed afterwards
+            (default: half the memory available when the run starts; 0 spills everything).
+        exact_path: ``"auto"`` (the frontier where the model allows it, else one pass per
+            dependency level), ``"frontier"`` (refuse a model it cannot handle) or
+            ``"levels"`` (always one pass per level).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
     check_materialized(model)
+    check_cache_mb(cache_mb)
+    if exact_path not in EXACT_PATHS:
+        raise VarshiftError(f"exact_path must be one of {', '.join(EXACT_PATHS)}, got {exact_path!r}")
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
     single_pass = not exact and not measure
@@ -115,9 +136,12 @@ def recalibrate(
 
     passes = 0
     n_batches = 0
+    exact_info: ExactInfo | None = None
     if targets:
         if exact:
-            passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
+            passes, n_batches, exact_info = _exact(
+                fixed, cal, prepare, norms, targets, graph, progress, cache_mb, exact_path, dev)
+            notes.append(exact_info.note())
         else:
             passes, n_batches = _population(fixed, data, prepare, norms, targets, progress,
                                             getattr(cal, "n_batches", None))
@@ -165,6 +189,7 @@ def recalibrate(
         notes=notes,
         data=getattr(cal, "source", None),
         eval_data=getattr(evaluation, "source", None) if held_out else None,
+        exact=exact_info,
     )
     return fixed, report
 
@@ -276,7 +301,40 @@ class _CallCounter:
         return dict(self.rows[0])
 
 
-def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
+EXACT_PATHS = ("auto", "frontier", "levels")
+
+
+def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact_path,
+           device) -> tuple[int, int, ExactInfo]:
+    """The exact estimator: the frontier where the model allows it, else one pass per level."""
+    if exact_path == "levels":
+        reason = "one pass per dependency level was asked for (exact_path='levels')"
+    elif graph.traced_with != "fx":
+        reason = "torch.fx cannot trace the model (the scan ran it instead)"
+    else:
+        p = frontier.plan(model, targets)
+        reason = p if isinstance(p, str) else None
+    if reason is not None:
+        if exact_path == "frontier":
+            raise VarshiftError(f"the frontier path of --exact cannot run: {reason}")
+        passes, n = _exact_levels(model, cal, prepare, norms, targets, graph, progress)
+        return passes, n, ExactInfo(path="levels", reason=reason)
+    budget = frontier.default_cache_mb(device) if cache_mb is None else float(cache_mb)
+
+    def write(name, moments, n_batches):
+        _write(norms[name], moments, n_batches)
+
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        done = frontier.run(p, cal, prepare, write, budget, device, model, progress,
+                            getattr(cal, "n_batches", None))
+    return 1, done.batches, ExactInfo(
+        path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
+        peak_mb=done.peak_mb, spilled_mb=done.spilled_mb)
+
+
+def _exact_levels(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
+    """One eval pass per dependency level, each stopped after its level's last norm."""
     levels = dependency_levels(_norm_reach(graph), targets)
     total = getattr(cal, "n_batches", None)
     per_forward: dict[str, int] | None = None

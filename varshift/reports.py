@@ -414,6 +414,40 @@ class Metrics:
 
 
 @dataclass
+class ExactInfo:
+    """Which path the exact estimator took, and why.
+
+    Attributes:
+        path: ``frontier`` (one pass over the data, cut before each norm on the fx graph) or
+            ``levels`` (one pass per dependency level).
+        reason: why ``levels`` ran (None for ``frontier``).
+        cuts: frontier cuts made (one per recalibrated norm that runs).
+        cache_mb: the memory budget for the activations kept at a cut (MiB).
+        peak_mb: the largest total of those activations over all batches at one cut (MiB).
+        spilled_mb: how much of it went to a temporary directory because it did not fit (MiB).
+    """
+
+    path: str
+    reason: str | None = None
+    cuts: int | None = None
+    cache_mb: float | None = None
+    peak_mb: float | None = None
+    spilled_mb: float | None = None
+
+    def note(self) -> str:
+        """One line for the report's notes."""
+        if self.path == "levels":
+            return f"exact estimator: one pass per dependency level, because {self.reason}"
+        text = (f"exact estimator: one pass, cut before each of {self.cuts} norms on the "
+                f"torch.fx graph; activations kept at a cut peaked at {self.peak_mb:.1f} MiB "
+                f"(--cache-mb {self.cache_mb:.4g})")
+        if self.spilled_mb:
+            text += (f"; over the budget, {self.spilled_mb:.1f} MiB went through a temporary "
+                     "directory (slower; raise --cache-mb to avoid it)")
+        return text
+
+
+@dataclass
 class RecalibrationReport:
     """What ``varshift.recalibrate`` changed, and what it did to the shifts and metrics.
 
@@ -437,6 +471,7 @@ class RecalibrationReport:
     source: str | None = None
     data: str | None = None
     eval_data: str | None = None
+    exact: ExactInfo | None = None  # the exact estimator's path (None for population)
 
     schema = "varshift.recalibrate/1"
 
@@ -482,6 +517,7 @@ class RecalibrationReport:
                 "source": self.source,
                 "output": self.output,
                 "estimator": self.estimator,
+                "exact": None if self.exact is None else dataclasses.asdict(self.exact),
                 "data": self.data,
                 "eval_data": self.eval_data,
                 "passes": self.passes,
