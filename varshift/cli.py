@@ -302,6 +302,13 @@ ExactOpt = Annotated[
     bool,
     typer.Option("--exact", help="Statistics on the inference path, level by level (shift 1.000)."),
 ]
+CacheMbOpt = Annotated[
+    Optional[float],
+    typer.Option("--cache-mb", metavar="MB", show_default=False,
+                 help="With --exact: memory for the activations it keeps between norms "
+                 "(default: half the available memory); beyond it they go to a temporary "
+                 "directory."),
+]
 
 
 def _onnx(fixed, out: str | None, batches):
@@ -318,6 +325,7 @@ def recalibrate(
     data: DataOpt,
     output: OutputOpt,
     exact: ExactOpt = False,
+    cache_mb: CacheMbOpt = None,
     all_norms: Annotated[
         bool, typer.Option("--all-norms", help="Recalibrate every BatchNorm, not only affected ones.")
     ] = False,
@@ -347,7 +355,7 @@ def recalibrate(
     with _Progress("recalibrating", quiet) as progress:
         fixed, rep = recalibrate_model(
             loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
-            eval_batches=held_out, device=dev, progress=progress,
+            eval_batches=held_out, device=dev, progress=progress, cache_mb=cache_mb,
         )
     fixed = fixed.cpu()
     changed = norm_buffer_keys([l.name for l in rep.recalibrated], fixed)
@@ -369,6 +377,7 @@ def swap(
         Optional[str], typer.Option("--data", metavar="DATA", help="Also recalibrate on this data.")
     ] = None,
     exact: ExactOpt = False,
+    cache_mb: CacheMbOpt = None,
     eval_data: EvalDataOpt = None,
     onnx: OnnxOpt = None,
     arch: ArchOpt = None,
@@ -409,7 +418,7 @@ def swap(
         with _Progress("recalibrating", quiet) as progress:
             swapped, rep.recalibration = recalibrate_model(
                 swapped.to(dev), batches, exact=exact, inplace=True, eval_batches=held_out,
-                device=dev, progress=progress,
+                device=dev, progress=progress, cache_mb=cache_mb,
             )
         swapped = swapped.cpu()
     import torch

@@ -78,6 +78,7 @@ class FrontierRun:
         cache_mb: the memory budget for the frontier's values (MiB).
         peak_mb: the largest total size of the frontier's values over all batches at a cut
             (MiB), whether kept in memory or spilled.
+        kept_mb: the most of them held in memory at once (MiB; at most ``cache_mb``).
         spilled_mb: the total written to the temporary directory (MiB; 0 when it all fit).
     """
 
@@ -85,6 +86,7 @@ class FrontierRun:
     cuts: int
     cache_mb: float
     peak_mb: float = 0.0
+    kept_mb: float = 0.0
     spilled_mb: float = 0.0
 
 
@@ -229,12 +231,15 @@ class _Slots:
     storage (views) still do after it is read back.
     """
 
-    def __init__(self, budget_bytes: float, device: torch.device) -> None:
+    def __init__(self, budget_bytes: float, device: torch.device,
+                 nodes: list[torch.fx.Node]) -> None:
         self.budget = budget_bytes
         self.device = device
+        self.by_name = {n.name: n for n in nodes}  # files are keyed by node name
         self.memory: dict[int, dict] = {}
         self.sizes: dict[int, int] = {}
         self.in_memory = 0
+        self.most_in_memory = 0
         self.dir: str | None = None
         self.spilled_bytes = 0
 
@@ -244,9 +249,9 @@ class _Slots:
             return self.memory.pop(b)
         path = self._path(b)
         # Our own file, in a directory only this process can read (mkdtemp is 0700).
-        env = torch.load(path, map_location=self.device, weights_only=False)
+        named = torch.load(path, map_location=self.device, weights_only=False)
         os.unlink(path)
-        return env
+        return {self.by_name[k]: v for k, v in named.items()}
 
     def put(self, b: int, env: dict) -> int:
         size = _tensor_bytes(env.values())
@@ -254,10 +259,11 @@ class _Slots:
         if self.in_memory + size <= self.budget:
             self.memory[b] = env
             self.in_memory += size
+            self.most_in_memory = max(self.most_in_memory, self.in_memory)
         else:
             if self.dir is None:
                 self.dir = tempfile.mkdtemp(prefix="varshift-exact-")
-            torch.save(env, self._path(b))
+            torch.save({n.name: v for n, v in env.items()}, self._path(b))
             self.spilled_bytes += size
         return size
 
@@ -290,7 +296,7 @@ def run(
     consts: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     defaults = {n: n.args[0] for n in placeholders[1:]}
-    slots = _Slots(cache_mb * MB, device)
+    slots = _Slots(cache_mb * MB, device, nodes)
     shapes: list[tuple[torch.Size, torch.dtype]] = []
     result = FrontierRun(batches=0, cuts=len(cuts), cache_mb=cache_mb)
     stages = max(len(cuts), 1)
@@ -298,7 +304,7 @@ def run(
     def value(env: dict, n: torch.fx.Node) -> Any:
         return consts[n] if n in consts else env[n]
 
-    def run_nodes(env: dict, start: int, stop: int) -> None:
+    def run_nodes(env: dict, b: int, start: int, stop: int) -> None:
         for i in range(start, stop):
             node = nodes[i]
             op = node.op
@@ -312,28 +318,25 @@ def run(
                 continue
             args = torch.fx.node.map_arg(node.args, lambda n: value(env, n))
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: value(env, n))
-            if op == "call_module":
-                out = modules[node.target](*args, **kwargs)
-            elif op == "call_function":
-                out = node.target(*args, **kwargs)
-            elif op == "call_method":
-                out = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:  # "output" never runs: the tail after the last cut is dropped
-                continue
+            try:
+                if op == "call_module":
+                    out = modules[node.target](*args, **kwargs)
+                elif op == "call_function":
+                    out = node.target(*args, **kwargs)
+                elif op == "call_method":
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:  # "output" never runs: the tail after the last cut is dropped
+                    continue
+            except DataError:
+                raise
+            except Exception as exc:  # the user's model rejected the batch
+                shape, dtype = shapes[b]
+                stand_in = torch.empty(shape, dtype=dtype, device="meta")
+                raise fit_error(model, stand_in, exc,
+                                where="DATA" if b == 0 else f"batch {b} of DATA") from exc
             env[node] = out
             for dead in free_after[i]:
                 env.pop(dead, None)
-
-    def guarded(b: int, env: dict, start: int, stop: int) -> None:
-        try:
-            run_nodes(env, start, stop)
-        except (DataError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # the user's model rejected the batch
-            shape, dtype = shapes[b]
-            stand_in = torch.empty(shape, dtype=dtype, device="meta")
-            raise fit_error(model, stand_in, exc,
-                            where="DATA" if b == 0 else f"batch {b} of DATA") from exc
 
     def norm_input(env: dict, index: int) -> torch.Tensor:
         node = nodes[index]
@@ -350,13 +353,17 @@ def run(
             for b, batch in source:
                 if k == 0:
                     x = prepare(batch[0])
+                    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+                        # A slice of a larger tensor (a dataset): keeping (or spilling) it
+                        # would keep (or write) all of that tensor.
+                        x = x.clone()
                     shapes.append((x.shape, x.dtype))
                     env = {placeholders[0]: x}
                     del x, batch
                     result.batches += 1
                 else:
                     env = slots.take(b)
-                guarded(b, env, start, index)
+                run_nodes(env, b, start, index)
                 moments.add(norm_input(env, index))
                 cached += slots.put(b, env)
                 env = None
@@ -371,5 +378,6 @@ def run(
             result.batches = sum(1 for _ in batches)
     finally:
         result.spilled_mb = slots.spilled_bytes / MB
+        result.kept_mb = slots.most_in_memory / MB
         slots.close()
     return result

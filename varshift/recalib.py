@@ -330,7 +330,7 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
                             getattr(cal, "n_batches", None))
     return 1, done.batches, ExactInfo(
         path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
-        peak_mb=done.peak_mb, spilled_mb=done.spilled_mb)
+        peak_mb=done.peak_mb, kept_mb=done.kept_mb, spilled_mb=done.spilled_mb)
 
 
 def _exact_levels(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:

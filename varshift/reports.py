@@ -424,6 +424,7 @@ class ExactInfo:
         cuts: frontier cuts made (one per recalibrated norm that runs).
         cache_mb: the memory budget for the activations kept at a cut (MiB).
         peak_mb: the largest total of those activations over all batches at one cut (MiB).
+        kept_mb: the most of them held in memory at once (MiB; within ``cache_mb``).
         spilled_mb: how much of it went to a temporary directory because it did not fit (MiB).
     """
 
@@ -432,6 +433,7 @@ class ExactInfo:
     cuts: int | None = None
     cache_mb: float | None = None
     peak_mb: float | None = None
+    kept_mb: float | None = None
     spilled_mb: float | None = None
 
     def note(self) -> str:
