@@ -440,9 +440,10 @@ class ExactInfo:
         """One line for the report's notes."""
         if self.path == "levels":
             return f"exact estimator: one pass per dependency level, because {self.reason}"
-        text = (f"exact estimator: one pass, cut before each of {self.cuts} norms on the "
-                f"torch.fx graph; activations kept at a cut peaked at {self.peak_mb:.1f} MiB "
-                f"(--cache-mb {self.cache_mb:.4g})")
+        budget = f"{self.cache_mb:.0f}" if self.cache_mb >= 10 else f"{self.cache_mb:g}"
+        text = (f"exact estimator: one pass over the data, cut before each of {self.cuts} "
+                f"norms on the torch.fx graph; activations kept at a cut: at most "
+                f"{self.peak_mb:.1f} MiB (--cache-mb {budget})")
         if self.spilled_mb:
             text += (f"; over the budget, {self.spilled_mb:.1f} MiB went through a temporary "
                      "directory (slower; raise --cache-mb to avoid it)")
