@@ -329,3 +329,46 @@ def test_cli_cache_mb(cli, tmp_path: Path, tmp_root: Path, batches) -> None:
     assert result.code == 2 and len(result.err.splitlines()) == 1
     assert result.err.startswith("varshift: error: --cache-mb must be a number")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_norm_that_never_runs_is_left_alone(batches) -> None:
+    """With --all-norms, a BatchNorm the forward never calls is a target with no input: both
+    paths leave it as it was."""
+    torch.manual_seed(0)
+    model = FM.settle(FM.Branches(p=0.5), batches)
+    model.spare = nn.BatchNorm2d(8)  # registered, never called
+    spare = stats(model)["spare"]
+    for path in ("frontier", "levels"):
+        fixed, rep = varshift.recalibrate(model, batches, exact=True, all_norms=True,
+                                          measure=False, exact_path=path)
+        assert rep.exact.path == path
+        assert all(torch.equal(a, b) for a, b in zip(stats(fixed)["spare"], spare))
+        assert not torch.equal(bns(fixed)["bn_c"].running_var, bns(model)["bn_c"].running_var)
+
+
+def test_a_norm_that_does_not_fit_its_input_is_a_data_error(batches) -> None:
+    """The last norm never runs on the frontier path (its statistics are all it needs), yet
+    a norm whose input has the wrong channel count fails as a forward pass would."""
+    torch.manual_seed(0)
+    model = FM.settle(FM.chain3(p=0.5), batches)
+    model[9] = nn.BatchNorm2d(5)
+    for path in ("frontier", "levels"):
+        with pytest.raises(varshift.VarshiftError, match="DATA does not fit the model"):
+            varshift.recalibrate(model, batches, exact=True, measure=False, all_norms=True,
+                                 exact_path=path)
+
+
+def test_cli_swap_exact_passes_the_budget_on(cli, tmp_path: Path, tmp_root: Path,
+                                             batches) -> None:
+    import json
+
+    model_path, data_path = tmp_path / "model.pt", tmp_path / "data.pt"
+    torch.save(settled("chain3", batches), model_path)
+    torch.save(torch.cat([x for x, _ in batches]), data_path)
+    result = cli("swap", model_path, "--data", data_path, "--batch-size", 16, "--exact",
+                 "--cache-mb", "0", "--output", tmp_path / "swapped.pt", "--format", "json")
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)["recalibration"]
+    assert doc["exact"]["path"] == "frontier" and doc["exact"]["cache_mb"] == 0
+    assert doc["exact"]["spilled_mb"] > 0 and doc["passes"] == 1
+    assert list(tmp_root.iterdir()) == []

@@ -300,6 +300,7 @@ def run(
     shapes: list[tuple[torch.Size, torch.dtype]] = []
     result = FrontierRun(batches=0, cuts=len(cuts), cache_mb=cache_mb)
     stages = max(len(cuts), 1)
+    features = {name: modules[nodes[i].target].running_mean.numel() for i, name in cuts}
 
     def value(env: dict, n: torch.fx.Node) -> Any:
         return consts[n] if n in consts else env[n]
@@ -316,27 +317,28 @@ def run(
                 if node not in consts:
                     consts[node] = _fetch_attr(p.gm, str(node.target))
                 continue
-            args = torch.fx.node.map_arg(node.args, lambda n: value(env, n))
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: value(env, n))
-            try:
-                if op == "call_module":
-                    out = modules[node.target](*args, **kwargs)
-                elif op == "call_function":
-                    out = node.target(*args, **kwargs)
-                elif op == "call_method":
-                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:  # "output" never runs: the tail after the last cut is dropped
-                    continue
-            except DataError:
-                raise
-            except Exception as exc:  # the user's model rejected the batch
-                shape, dtype = shapes[b]
-                stand_in = torch.empty(shape, dtype=dtype, device="meta")
-                raise fit_error(model, stand_in, exc,
-                                where="DATA" if b == 0 else f"batch {b} of DATA") from exc
-            env[node] = out
+            if op == "output":  # never runs: the tail after the last cut is dropped
+                continue
+            env[node] = call(env, node, b)
             for dead in free_after[i]:
                 env.pop(dead, None)
+
+    def call(env: dict, node: torch.fx.Node, b: int) -> Any:
+        args = torch.fx.node.map_arg(node.args, lambda n: value(env, n))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: value(env, n))
+        try:
+            if node.op == "call_module":
+                return modules[node.target](*args, **kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)  # call_method
+        except DataError:
+            raise
+        except Exception as exc:  # the user's model rejected the batch
+            shape, dtype = shapes[b]
+            stand_in = torch.empty(shape, dtype=dtype, device="meta")
+            raise fit_error(model, stand_in, exc,
+                            where="DATA" if b == 0 else f"batch {b} of DATA") from exc
 
     def norm_input(env: dict, index: int) -> torch.Tensor:
         node = nodes[index]
@@ -364,7 +366,11 @@ def run(
                 else:
                     env = slots.take(b)
                 run_nodes(env, b, start, index)
-                moments.add(norm_input(env, index))
+                x = norm_input(env, index)
+                if x.ndim < 2 or x.shape[1] != features[name]:
+                    call(env, nodes[index], b)  # the norm raises what a forward would
+                moments.add(x)
+                del x
                 cached += slots.put(b, env)
                 env = None
                 if progress is not None:
