@@ -300,7 +300,7 @@ EvalDataOpt = Annotated[
 ]
 ExactOpt = Annotated[
     bool,
-    typer.Option("--exact", help="Statistics on the inference path, level by level (shift 1.000)."),
+    typer.Option("--exact", help="Statistics on the inference path (shift 1.000), in about one pass."),
 ]
 CacheMbOpt = Annotated[
     Optional[float],
