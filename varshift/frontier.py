@@ -52,7 +52,7 @@ class FrontierPlan:
     """An eval-mode fx graph of the model, cut before each target norm.
 
     Attributes:
-        gm: the GraphModule (shares every submodule and tensor with the model).
+        root: the traced module (the model itself: every submodule and tensor is its own).
         nodes: the nodes to run, in order (the tail after the last cut is dropped).
         cuts: ``(node index, norm name)`` per target norm, in node order.
         free_after: node index -> the nodes whose value nothing at or after the next index
@@ -61,7 +61,7 @@ class FrontierPlan:
             per-level estimator).
     """
 
-    gm: torch.fx.GraphModule
+    root: nn.Module
     nodes: list[torch.fx.Node]
     cuts: list[tuple[int, str]]
     free_after: list[list[torch.fx.Node]]
@@ -147,14 +147,15 @@ def plan(model: nn.Module, targets: list[str]) -> FrontierPlan | str:
         A :class:`FrontierPlan`, or a one-line reason why the model needs the per-level
         estimator instead.
     """
-    from .graph import fx_graph_module
+    from .graph import _fx_trace
 
     try:
-        gm = fx_graph_module(model, training=False)
+        # The graph alone: a GraphModule would also generate and compile code never run.
+        root, graph = _fx_trace(model, training=False)
     except Exception as exc:  # fx raises many types for untraceable Python
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         return f"torch.fx cannot trace the model in eval mode ({type(exc).__name__}: {text})"
-    nodes = list(gm.graph.nodes)
+    nodes = list(graph.nodes)
     calls: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
         if node.op == "call_module":
@@ -197,7 +198,7 @@ def plan(model: nn.Module, targets: list[str]) -> FrontierPlan | str:
     for node in kept:  # values nothing reads die at once
         if node not in last_use and node.op != "get_attr":
             free_after[position[node]].append(node)
-    return FrontierPlan(gm, kept, cuts, free_after, skipped)
+    return FrontierPlan(root, kept, cuts, free_after, skipped)
 
 
 # --------------------------------------------------------------------------- running
@@ -292,7 +293,7 @@ def run(
     """Run the plan over ``batches`` (read once), calling ``write(norm, moments, n_batches)``
     at each cut. The model must already be in eval mode under ``no_grad``."""
     nodes, cuts, free_after = p.nodes, p.cuts, p.free_after
-    modules = dict(p.gm.named_modules())
+    modules = dict(p.root.named_modules())
     consts: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     defaults = {n: n.args[0] for n in placeholders[1:]}
@@ -315,7 +316,7 @@ def run(
                 continue  # the first one is set from the batch
             if op == "get_attr":
                 if node not in consts:
-                    consts[node] = _fetch_attr(p.gm, str(node.target))
+                    consts[node] = _fetch_attr(p.root, str(node.target))
                 continue
             if op == "output":  # never runs: the tail after the last cut is dropped
                 continue
