@@ -1,6 +1,6 @@
 """Recompute BatchNorm running statistics with every regularizer off.
 
-Two estimators (DESIGN.md, issue "recalibrate"):
+Two estimators:
 
 * ``population`` (default): one pass with the model in eval mode (regularizers off) except the
   norms, which normalize with batch statistics as in training. Each target norm's new
@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from . import frontier
+from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches, peek
 from .errors import VarshiftError
 from .frontier import check_cache_mb
