@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # measure this checkout's varshift, not an installed one
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -50,6 +52,7 @@ TARGETS = {
     "recal_population": 1.1,
     "recal_memory": 1.05,
     "vs_fvcore_speed": 1.1,
+    "exact_vs_population": 1.5,
 }
 
 
@@ -300,31 +303,89 @@ def count_macs(fn) -> float:
     return total[0]
 
 
+def _exact_report(model, batches, **kw):
+    return varshift.recalibrate(model, batches, exact=True, measure=False, **kw)[1]
+
+
 def bench_exact(cfg) -> dict:
+    """DenseNet-121: the exact estimator (frontier) side by side with the population
+    estimator, update_bn and one eval pass; the per-level path once in the same run (full
+    mode); EfficientNet-B0 and the digits samples: exact / population."""
     try:
         model, batches = bm.densenet(cfg.size, cfg.batch, cfg.batches)
     except ImportError as exc:
         return {"skipped": f"torchvision missing: {exc}"}
-    batches = batches[:cfg.exact_batches]
     out: dict[str, Any] = {"batches": len(batches)}
     out.update(fx_dependency_levels(model))
     # Work done, in full-forward equivalents (conv/linear MACs), on one batch.
     one = batches[:1]
     full = count_macs(lambda: eval_pass(model, one))
     reports = []
-    exact = count_macs(lambda: reports.append(
-        varshift.recalibrate(model, one, exact=True, measure=False)[1]))
-    out["passes"] = reports[0].passes
+    exact = count_macs(lambda: reports.append(_exact_report(model, one)))
+    rep = reports[0]
+    out["passes"] = rep.passes
+    out["path"] = rep.exact.path
+    out["cuts"] = rep.exact.cuts
     out["mac_forward_equivalents"] = exact / full
     load0 = load_note()
     t = interleaved([
         ("eval_pass", None, lambda: eval_pass(model, batches)),
-        ("recal_exact", None,
-         lambda: varshift.recalibrate(model, batches, exact=True, measure=False)),
-    ], cfg.exact_reps, warmup=0)
+        ("update_bn", deepcopy_of(model), lambda c: update_bn(batches, c)),
+        ("recal_population", None,
+         lambda: varshift.recalibrate(model, batches, exact=False, measure=False)),
+        ("recal_exact", None, lambda: reports.append(_exact_report(model, batches))),
+    ], cfg.exact_reps)
     out["times"] = t
     out["load_before_after"] = [load0, load_note()]
+    out["exact_info"] = dataclasses.asdict(reports[-1].exact)
+    out["ratio_exact_vs_population"] = med(t, "recal_exact") / med(t, "recal_population")
+    out["ratio_exact_vs_update_bn"] = med(t, "recal_exact") / med(t, "update_bn")
     out["time_eval_pass_equivalents"] = med(t, "recal_exact") / med(t, "eval_pass")
+    if cfg.exact_levels:
+        # The per-level path (what --exact cost before the frontier), once, right after.
+        t0 = time.perf_counter()
+        rep = _exact_report(model, batches, exact_path="levels")
+        levels_s = time.perf_counter() - t0
+        out["per_level_path"] = {
+            "passes": rep.passes,
+            "time_s": levels_s,
+            "time_eval_pass_equivalents": levels_s / med(t, "eval_pass"),
+            "ratio_vs_population": levels_s / med(t, "recal_population"),
+            "mac_forward_equivalents": count_macs(
+                lambda: _exact_report(model, one, exact_path="levels")) / full,
+        }
+    others = []
+    try:
+        import torchvision
+
+        torch.manual_seed(0)
+        eff = torchvision.models.efficientnet_b0(weights=None)
+        eff_batches = bm.random_batches(cfg.batches, (cfg.batch, 3, cfg.size, cfg.size), 5)
+        bm.give_bn_stats(eff, eff_batches)
+        others.append((f"efficientnet_b0 {cfg.batch}x3x{cfg.size}x{cfg.size} x{cfg.batches}",
+                       eff, eff_batches, 1))
+    except ImportError:
+        pass
+    for name, build in (("digits_dropout_bn.pt 64x1x8x8 x8", bm.digits_sequential),
+                        ("digits_functional_ckpt.pt 64x1x8x8 x8", bm.digits_functional)):
+        m, b = build()
+        others.append((name, m, b, 4))
+    out["others"] = {}
+    for name, m, b, scale in others:
+        reports = []
+        t = interleaved([
+            ("eval_pass", None, lambda: eval_pass(m, b)),
+            ("recal_population", None,
+             lambda: varshift.recalibrate(m, b, exact=False, measure=False)),
+            ("recal_exact", None, lambda: reports.append(_exact_report(m, b))),
+        ], cfg.exact_reps * scale)
+        out["others"][name] = {
+            "times": t,
+            "exact_info": dataclasses.asdict(reports[-1].exact),
+            "passes": reports[-1].passes,
+            "ratio_exact_vs_population": med(t, "recal_exact") / med(t, "recal_population"),
+            "time_eval_pass_equivalents": med(t, "recal_exact") / med(t, "eval_pass"),
+        }
     return out
 
 
@@ -339,7 +400,7 @@ def _status_kb(field: str) -> int:
     return -1
 
 
-def child(what: str, n: int, threads: int) -> None:
+def child(what: str, n: int, threads: int, cache_mb: float | None = None) -> None:
     """Run one call on ``n`` on-the-fly batches and print its peak RSS as JSON."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -354,6 +415,7 @@ def child(what: str, n: int, threads: int) -> None:
     except OSError:
         reset = False
     before = _status_kb("VmRSS")
+    extra: dict = {}
     if what == "probe":
         varshift.probe(model, bm.one_shot_batches(n))
     elif what == "recal_population":
@@ -362,6 +424,10 @@ def child(what: str, n: int, threads: int) -> None:
         varshift.recalibrate(model, bm.one_shot_batches(n), measure=False)
     elif what == "update_bn":
         update_bn(bm.OnTheFly(n), copy.deepcopy(model))
+    elif what == "recal_exact":
+        rep = varshift.recalibrate(model, bm.OnTheFly(n), exact=True, measure=False,
+                                   cache_mb=cache_mb)[1]
+        extra = dataclasses.asdict(rep.exact)
     else:
         raise SystemExit(f"unknown child {what}")
     hwm = _status_kb("VmHWM")
@@ -375,13 +441,15 @@ def child(what: str, n: int, threads: int) -> None:
         "peak_rss_kb": hwm if hwm > 0 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "peak_reset_before_call": reset,
+        **({"exact": extra} if extra else {}),
     }))
 
 
-def _run_child(what: str, n: int, threads: int, env: dict) -> dict:
+def _run_child(what: str, n: int, threads: int, env: dict, cache_mb: float | None = None) -> dict:
+    extra = [] if cache_mb is None else ["--child-cache-mb", str(cache_mb)]
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", what,
-         "--child-batches", str(n), "--threads", str(threads)],
+         "--child-batches", str(n), "--threads", str(threads), *extra],
         capture_output=True, text=True, timeout=600, env={**os.environ, **env},
     )
     if proc.returncode != 0:
@@ -418,6 +486,15 @@ def bench_memory(cfg) -> dict:
                 "peak_ratio_100_vs_10": b["peak_rss_kb"] / a["peak_rss_kb"],
                 "peak_above_pre_call_kb": [r["peak_rss_kb"] - r["rss_before_kb"] for r in (a, b)],
             }
+    # The exact estimator keeps the activations alive at a cut for every batch: MemNet's are
+    # 8 MiB per batch, 320 MiB at 40 batches. Against --cache-mb: ample, 64 and 16 MiB (the
+    # last two force spilling to a temporary directory).
+    n = 40
+    out["recal_exact"] = {"batches": n, "per_batch_frontier_mb": 8.0, "budgets": {}}
+    for budget in (None, 64.0, 16.0):
+        r = _run_child("recal_exact", n, cfg.threads, FIXED_MMAP, budget)
+        r["peak_above_pre_call_mb"] = (r["peak_rss_kb"] - r["rss_before_kb"]) / 1024
+        out["recal_exact"]["budgets"]["default" if budget is None else f"{budget:g}"] = r
     return out
 
 
@@ -577,15 +654,46 @@ def summarize(res: dict, cfg) -> list[dict]:
         if "skipped" in r:
             row("4 recal exact", "skipped", None, note=r["skipped"])
         else:
-            row("4 recal exact", "passes (bound: dependency levels + 1)",
-                r["passes"], f"<= {r['levels'] + 1}", r["passes"] <= r["levels"] + 1,
-                f"{r['levels']} levels, {r['affected']}/{r['norms']} norms affected (fx)")
-            row("4 recal exact", "work, full-forward equivalents (MACs)",
-                r["mac_forward_equivalents"], note=f"{r['passes']} passes, early stop")
-            row("4 recal exact", f"time / one eval pass ({r['batches']} batches)",
-                r["time_eval_pass_equivalents"],
-                note=f"{fmt(med(r['times'], 'recal_exact'))}s vs "
-                     f"{fmt(med(r['times'], 'eval_pass'))}s")
+            t = r["times"]
+            info = r["exact_info"]
+            row("4 recal exact", "densenet121: exact / population (same data)",
+                r["ratio_exact_vs_population"], "<= 1.5",
+                r["ratio_exact_vs_population"] <= TARGETS["exact_vs_population"],
+                f"{fmt(med(t, 'recal_exact'))}s vs {fmt(med(t, 'recal_population'))}s; "
+                f"path {r['path']}, {r['cuts']} cuts, frontier peak {info['peak_mb']:.0f} MiB")
+            row("4 recal exact", "  exact / one eval pass", r["time_eval_pass_equivalents"],
+                note=f"eval {fmt(med(t, 'eval_pass'))}s; exact / update_bn "
+                     f"{fmt(r['ratio_exact_vs_update_bn'])}")
+            row("4 recal exact", "  passes over the data", r["passes"],
+                note=f"{r['levels']} dependency levels, {r['affected']}/{r['norms']} norms "
+                     "affected (fx)")
+            row("4 recal exact", "  work, full-forward equivalents (MACs)",
+                r["mac_forward_equivalents"], note="one batch; nothing after the last norm runs")
+            if "per_level_path" in r:
+                lv = r["per_level_path"]
+                row("4 recal exact", "  per-level path (before): time / eval pass",
+                    lv["time_eval_pass_equivalents"],
+                    note=f"{fmt(lv['time_s'])}s, {lv['passes']} passes, "
+                         f"{fmt(lv['mac_forward_equivalents'])} forwards of MACs, "
+                         f"{fmt(lv['ratio_vs_population'])}x population")
+            for name, o in r.get("others", {}).items():
+                row("4 recal exact", f"{name}: exact / population",
+                    o["ratio_exact_vs_population"], "<= 1.5",
+                    o["ratio_exact_vs_population"] <= TARGETS["exact_vs_population"],
+                    f"{fmt(med(o['times'], 'recal_exact'))}s vs "
+                    f"{fmt(med(o['times'], 'recal_population'))}s; path "
+                    f"{o['exact_info']['path']}, {o['passes']} pass(es); exact / eval "
+                    f"{fmt(o['time_eval_pass_equivalents'])}")
+    if "memory" in res and "recal_exact" in res["memory"]:
+        r = res["memory"]["recal_exact"]
+        for budget, c in r["budgets"].items():
+            e = c["exact"]
+            within = e["kept_mb"] <= e["cache_mb"]
+            row("7 exact memory", f"--cache-mb {budget if budget != 'default' else 'default'}"
+                f" ({r['batches']} MemNet batches): peak above pre-call RSS (MiB)",
+                c["peak_above_pre_call_mb"], "kept <= budget", within,
+                f"budget {e['cache_mb']:.0f} MiB, frontier {e['peak_mb']:.0f} MiB, kept "
+                f"{e['kept_mb']:.0f} MiB, spilled {e['spilled_mb']:.0f} MiB")
     if "precision" in res:
         r = res["precision"]
         methods = r["methods"]
@@ -656,7 +764,7 @@ def meta(cfg) -> dict:
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "densenet": {"size": cfg.size, "batch": cfg.batch, "batches": cfg.batches,
-                     "exact_batches": cfg.exact_batches},
+                     "exact_levels": cfg.exact_levels},
         "reps": cfg.reps,
         "exact_reps": cfg.exact_reps,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -682,20 +790,23 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64, help="DenseNet input height/width")
     ap.add_argument("--batch", type=int, default=16, help="DenseNet batch size")
     ap.add_argument("--batches", type=int, default=6, help="DenseNet number of batches")
-    ap.add_argument("--output", help="where to write the JSON (default: bench/results.json; "
-                    "with --quick, bench/results-quick.json, untracked)")
+    ap.add_argument("--output", default=None,
+                    help="where to write the JSON (default: bench/results.json; with --quick, "
+                    "bench/results_quick.json, which git ignores)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-batches", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-cache-mb", type=float, help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.child:
-        child(cfg.child, cfg.child_batches, cfg.threads)
+        child(cfg.child, cfg.child_batches, cfg.threads, cfg.child_cache_mb)
         return 0
     torch.set_num_threads(cfg.threads)
-    # a quick run must not replace the tracked full results
-    cfg.output = cfg.output or str(HERE / ("results-quick.json" if cfg.quick else "results.json"))
     cfg.reps = cfg.reps or (2 if cfg.quick else 7)
-    cfg.exact_reps = 1 if cfg.quick else 2
-    cfg.exact_batches = 2 if cfg.quick else cfg.batches
+    cfg.exact_reps = cfg.reps
+    cfg.exact_levels = not cfg.quick  # the per-level path alone is ~90 eval passes
+    if cfg.output is None:
+        # a quick run never replaces the full run's tracked results.json
+        cfg.output = str(HERE / ("results_quick.json" if cfg.quick else "results.json"))
     cfg.scaling = not cfg.quick
     only = [s for s in cfg.only.split(",") if s] or list(BENCHES)
     unknown = set(only) - set(BENCHES)

@@ -203,12 +203,21 @@ def test_population_differs_from_update_bn_across_batches(batches) -> None:
 
 
 def test_exact_passes_equal_dependency_levels(chain, branches, batches) -> None:
-    _, rep_chain = varshift.recalibrate(chain, batches, exact=True, measure=False)
+    """The per-level path: one pass per level. The frontier (the default where fx traces the
+    model) reads the data once whatever the levels."""
+    _, rep_chain = varshift.recalibrate(chain, batches, exact=True, measure=False,
+                                        exact_path="levels")
     assert rep_chain.estimator == "exact"
     assert rep_chain.passes == 3  # 3 -> 6 -> 9: a chain
-    _, rep_br = varshift.recalibrate(branches, batches, exact=True, measure=False)
+    assert rep_chain.exact.path == "levels" and "exact_path='levels'" in rep_chain.exact.reason
+    _, rep_br = varshift.recalibrate(branches, batches, exact=True, measure=False,
+                                     exact_path="levels")
     assert {l.name for l in rep_br.recalibrated} == {"bn_a", "bn_b", "bn_c"}
     assert rep_br.passes == 2  # bn_a, bn_b side by side; then bn_c
+    for model in (chain, branches):
+        _, rep = varshift.recalibrate(model, batches, exact=True, measure=False)
+        assert rep.exact.path == "frontier" and rep.exact.reason is None
+        assert rep.passes == 1 and rep.exact.cuts == 3
 
 
 @pytest.mark.parametrize("which", ["chain", "branches"])
@@ -227,30 +236,37 @@ def test_exact_gives_shift_one_in_probe(which, request, batches) -> None:
 @needs_samples
 def test_exact_gives_shift_one_on_sample(sample) -> None:
     model, cal = sample
-    fixed, rep = varshift.recalibrate(model, cal, exact=True, measure=False)
-    assert rep.passes == 2  # 5 then 9
-    probe = {l.name: l.shift for l in varshift.probe(fixed, cal).layers}
-    for name in ("5", "9"):
-        assert abs(probe[name] - 1.0) < 1e-3
+    for path, passes in (("levels", 2), ("frontier", 1)):  # levels: 5 then 9
+        fixed, rep = varshift.recalibrate(model, cal, exact=True, measure=False, exact_path=path)
+        assert rep.passes == passes and rep.exact.path == path
+        probe = {l.name: l.shift for l in varshift.probe(fixed, cal).layers}
+        for name in ("5", "9"):
+            assert abs(probe[name] - 1.0) < 1e-3
 
 
+@pytest.mark.parametrize("path", ["levels", "frontier"])
 @pytest.mark.parametrize("which,order", [("chain", ["3", "6", "9"]),
                                          ("branches", ["bn_a", "bn_b", "bn_c"])])
-def test_exact_early_stop_matches_naive_and_skips_the_tail(which, order, request, batches) -> None:
+def test_exact_early_stop_matches_naive_and_skips_the_tail(which, order, path, request,
+                                                           batches) -> None:
     model = request.getfixturevalue(which)
     head = "13" if which == "chain" else "head"
     work = copy.deepcopy(model)
     calls = []
     work.get_submodule(head).register_forward_hook(lambda *a: calls.append(1))
-    fixed, rep = varshift.recalibrate(work, batches, exact=True, measure=False, inplace=True)
+    fixed, rep = varshift.recalibrate(work, batches, exact=True, measure=False, inplace=True,
+                                      exact_path=path)
     ref = reference_exact(model, batches, order)
     for name in order:
         ours, theirs = bns(fixed)[name], bns(ref)[name]
         assert_stats_close(ours, theirs.running_mean.double(), theirs.running_var.double(), 1e-5)
-    # Only the first pass runs to the end; every later pass stops at its last norm, before
-    # the head. A naive implementation runs the head once per batch per level.
-    assert len(calls) == len(batches)
-    assert rep.passes * len(batches) > len(calls)
+    if path == "levels":
+        # Only the first pass runs to the end; every later pass stops at its last norm, before
+        # the head. A naive implementation runs the head once per batch per level.
+        assert len(calls) == len(batches)
+        assert rep.passes * len(batches) > len(calls)
+    else:  # nothing after the last norm runs at all
+        assert calls == [] and rep.passes == 1
 
 
 def test_exact_with_norm_called_twice_per_forward(batches) -> None:
@@ -273,6 +289,8 @@ def test_exact_with_norm_called_twice_per_forward(batches) -> None:
     torch.manual_seed(0)
     model = FM.settle(Twice(), batches)
     fixed, rep = varshift.recalibrate(model, batches, exact=True, measure=False)
+    # The frontier cuts once per norm call; a norm called twice takes the per-level path.
+    assert rep.exact.path == "levels" and rep.exact.reason == "norm bn runs 2 times per forward"
     ref = reference_exact(model, batches, ["bn", "bn_out"])
     for name in ("bn", "bn_out"):
         theirs = bns(ref)[name]

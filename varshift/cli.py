@@ -221,7 +221,14 @@ EvalDataOpt = Annotated[
 ]
 ExactOpt = Annotated[
     bool,
-    typer.Option("--exact", help="Statistics on the inference path, level by level (shift 1.000)."),
+    typer.Option("--exact", help="Statistics on the inference path (shift 1.000), in about one pass."),
+]
+CacheMbOpt = Annotated[
+    Optional[float],
+    typer.Option("--cache-mb", metavar="MB", show_default=False,
+                 help="With --exact: memory for the activations it keeps between norms "
+                 "(default: half the available memory); beyond it they go to a temporary "
+                 "directory."),
 ]
 FailAboveOpt = Annotated[
     float,
@@ -342,6 +349,7 @@ def recalibrate(
     data: DataOpt,
     output: OutputOpt,
     exact: ExactOpt = False,
+    cache_mb: CacheMbOpt = None,
     all_norms: Annotated[
         bool, typer.Option("--all-norms", help="Recalibrate every BatchNorm, not only affected ones.")
     ] = False,
@@ -370,7 +378,8 @@ def recalibrate(
         _warn("--seed does nothing for recalibrate (it draws nothing at random) and will be removed")
     with _Progress("recalibrating", out.quiet) as progress:
         rep = recalibrate_file(
-            model, data, output, exact=exact, all_norms=all_norms, eval_data=eval_data, onnx=onnx,
+            model, data, output, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
+            eval_data=eval_data, onnx=onnx,
             fail_above=fail_above, max_accuracy_drop=max_accuracy_drop, report=out.report,
             progress=progress, backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
         )
@@ -387,6 +396,7 @@ def swap(
         Optional[str], typer.Option("--data", metavar="DATA", help="Also recalibrate on this data.")
     ] = None,
     exact: ExactOpt = False,
+    cache_mb: CacheMbOpt = None,
     eval_data: EvalDataOpt = None,
     onnx: OnnxOpt = None,
     input_shape: InputShapeOpt = None,
@@ -401,7 +411,8 @@ def swap(
 
     with _Progress("recalibrating", out.quiet) as progress:
         rep = swap_file(
-            model, output, to=to, beta=beta, data=data, exact=exact, eval_data=eval_data,
+            model, output, to=to, beta=beta, data=data, exact=exact, cache_mb=cache_mb,
+            eval_data=eval_data,
             onnx=onnx, input_shape=input_shape, seed=seed, report=out.report, progress=progress,
             backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
         )

@@ -251,6 +251,7 @@ def recalibrate_file(
     output: PathLike,
     *,
     exact: bool = False,
+    cache_mb: float | None = None,
     all_norms: bool = False,
     eval_data: PathLike | None = None,
     onnx: PathLike | None = None,
@@ -274,6 +275,9 @@ def recalibrate_file(
 
     Args:
         exact: the exact (inference-path) estimator instead of the population one.
+        cache_mb: with ``exact``, the memory (MiB) for the activations it keeps between norms
+            (default None: half the available memory); beyond it they are spilled to a
+            temporary directory.
         all_norms: recalibrate every BatchNorm, not only the affected ones.
         eval_data: held-out labelled data for accuracy and NLL before/after (default: none,
             metrics are then on the calibration data).
@@ -299,7 +303,8 @@ def recalibrate_file(
     from .saving import norm_buffer_keys, save_like
 
     fixed, rep = recalibrate(
-        loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
+        loaded.module.to(dev), batches, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
+        inplace=True,
         eval_batches=held_out, device=dev, progress=progress, threshold=fail_above,
     )
     rep.max_accuracy_drop = max_accuracy_drop
@@ -324,6 +329,7 @@ def swap_file(
     beta: float = 0.1,
     data: PathLike | None = None,
     exact: bool = False,
+    cache_mb: float | None = None,
     eval_data: PathLike | None = None,
     onnx: PathLike | None = None,
     input_shape: str | tuple[int, ...] | None = None,
@@ -345,6 +351,7 @@ def swap_file(
         data: also recalibrate the swapped model on this data (default None: BatchNorm keeps
             its statistics until the model is fine-tuned).
         exact: recalibrate with the exact estimator (needs ``data``).
+        cache_mb: the exact estimator's memory budget (see :func:`recalibrate_file`).
         eval_data: held-out data for the recalibration's metrics (needs ``data``).
         onnx: also export the result there and check parity (needs ``data`` or
             ``input_shape`` for the inputs it checks).
@@ -383,7 +390,8 @@ def swap_file(
         from .recalib import recalibrate
 
         swapped, rep.recalibration = recalibrate(
-            swapped.to(dev), batches, exact=exact, inplace=True, eval_batches=held_out,
+            swapped.to(dev), batches, exact=exact, cache_mb=cache_mb, inplace=True,
+            eval_batches=held_out,
             device=dev, progress=progress,
         )
         swapped = swapped.cpu()

@@ -9,10 +9,17 @@ Two estimators (docs/concepts.md, "Estimators"):
   not recomputed). ``torch.optim.swa_utils.update_bn`` instead leaves dropout on and averages
   per-batch variances.
 * ``exact``: each target norm's statistics are the population statistics of its input on the
-  *inference path*, with every upstream norm already in eval mode with its new statistics. Norms
-  are grouped into dependency levels (a norm's level is one more than the deepest target norm
-  upstream of it); one pass per level, and a pass stops as soon as the last norm of its level has
-  run. Afterwards the shift of every recalibrated norm, measured on the same data, is 1.
+  *inference path*, with every upstream norm already in eval mode with its new statistics.
+  Afterwards the shift of every recalibrated norm, measured on the same data, is 1. Two paths
+  compute the same statistics:
+
+  - ``frontier`` (:mod:`varshift.frontier`): the model's eval-mode torch.fx graph runs over all
+    batches at once, cut before each target norm; about one forward pass of work, with the
+    values alive at the cut kept within ``cache_mb`` (spilled to a temporary directory beyond).
+  - ``levels``: norms are grouped into dependency levels (a norm's level is one more than the
+    deepest target norm upstream of it); one pass per level, and a pass stops as soon as the
+    last norm of its level has run. For models fx cannot trace, or whose norms run more than
+    once per forward.
 """
 
 from __future__ import annotations
@@ -26,14 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, frontier
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches, peek
+from .errors import VarshiftError
+from .frontier import check_cache_mb
 from .graph import NORM, DataflowGraph
 from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
-from .reports import LayerFix, Metrics, RecalibrationReport
+from .reports import ExactInfo, LayerFix, Metrics, RecalibrationReport
 from .stats import ChannelMoments, require_finite, require_spread, shift_ratio
 
 
@@ -49,6 +58,8 @@ def recalibrate(
     threshold: float = 1.1,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    cache_mb: float | None = None,
+    exact_path: str = "auto",
     process_group: Any = None,
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
@@ -67,11 +78,18 @@ def recalibrate(
             reaches it.
         device: where the batches go (default: the model's device, where the model must be).
         progress: called as ``progress(batches_done, total_or_None)``.
+        cache_mb: with ``exact``, the memory (MiB) the frontier's kept activations may use;
+            beyond it they are spilled to a temporary directory, removed afterwards
+            (default: half the memory available when the run starts; 0 spills everything).
+        exact_path: ``"auto"`` (the frontier where the model allows it, else one pass per
+            dependency level), ``"frontier"`` (refuse a model it cannot handle) or
+            ``"levels"`` (always one pass per level).
         process_group: run across the ranks of this torch.distributed group, each with its
             own ``batches`` (and ``eval_batches``): statistics and metrics are merged exactly
-            once per pass, and every rank ends with bit-identical buffers and the same report.
-            Default: the initialized default group, if any; ``False``: this process alone.
-            A ``DistributedDataParallel`` wrapper is unwrapped (its module is fixed).
+            once per pass (the exact estimator: once per norm), and every rank ends with
+            bit-identical buffers and the same report. Default: the initialized default
+            group, if any; ``False``: this process alone. A ``DistributedDataParallel``
+            wrapper is unwrapped (its module is fixed).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
@@ -80,12 +98,17 @@ def recalibrate(
     d = distributed.resolve(process_group)
     with distributed.using(d):
         return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
-                            eval_batches, measure, threshold, device, progress)
+                            eval_batches, measure, threshold, device, progress, cache_mb,
+                            exact_path)
 
 
 def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measure, threshold,
-                 device, progress) -> tuple[nn.Module, RecalibrationReport]:
+                 device, progress, cache_mb,
+                 exact_path) -> tuple[nn.Module, RecalibrationReport]:
     check_materialized(model)
+    check_cache_mb(cache_mb)
+    if exact_path not in EXACT_PATHS:
+        raise VarshiftError(f"exact_path must be one of {', '.join(EXACT_PATHS)}, got {exact_path!r}")
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
     single_pass = not exact and not measure
@@ -131,10 +154,14 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 
     passes = 0
     n_batches = 0
+    exact_info: ExactInfo | None = None
     if targets:
         with per_process_norms(norms):
             if exact:
-                passes, n_batches = _exact(fixed, cal, prepare, norms, targets, graph, progress)
+                passes, n_batches, exact_info = _exact(
+                    fixed, cal, prepare, norms, targets, graph, progress, cache_mb, exact_path,
+                    dev)
+                notes.append(exact_info.note())
             else:
                 passes, n_batches = _population(fixed, data, prepare, norms, targets, progress,
                                                 getattr(cal, "n_batches", None))
@@ -185,6 +212,7 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
         notes=notes,
         data=getattr(cal, "source", None),
         eval_data=getattr(evaluation, "source", None) if held_out else None,
+        exact=exact_info,
     )
     return fixed, report
 
@@ -319,7 +347,56 @@ def _same_everywhere(per_forward: dict[str, int] | None) -> dict[str, int] | Non
     return per_forward if all(p == everyone[0] for p in everyone) else None
 
 
-def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
+EXACT_PATHS = ("auto", "frontier", "levels")
+
+
+def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact_path,
+           device) -> tuple[int, int, ExactInfo]:
+    """The exact estimator: the frontier where the model allows it, else one pass per level."""
+    reason: str | None
+    if exact_path == "levels":
+        reason = "one pass per dependency level was asked for (exact_path='levels')"
+    elif graph.traced_with != "fx":
+        reason = "torch.fx cannot trace the model (the scan ran it instead)"
+    else:
+        p = frontier.plan(model, targets)
+        reason = p if isinstance(p, str) else None
+    if reason is not None:
+        if exact_path == "frontier":
+            raise VarshiftError(f"the frontier path of --exact cannot run: {reason}")
+        passes, n = _exact_levels(model, cal, prepare, norms, targets, graph, progress)
+        return passes, n, ExactInfo(path="levels", reason=reason)
+    budget = frontier.default_cache_mb(device) if cache_mb is None else float(cache_mb)
+    d = distributed.current()
+    total = {"batches": 0}
+
+    def write(name, moments, n_batches):
+        # Across ranks: merge this norm's moments before writing it, so that the next cut
+        # runs on the merged statistics everywhere (one small exchange per norm).
+        holder = _Moments({name: moments})
+        total["batches"] = d.merge_stats(holder, n_batches)
+        _write(norms[name], holder.moments[name], total["batches"], name)
+
+    assert not isinstance(p, str)
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        done = frontier.run(p, cal, prepare, write, budget, device, model, progress,
+                            getattr(cal, "n_batches", None))
+    n_batches = total["batches"] if d.active else done.batches
+    return 1, n_batches, ExactInfo(
+        path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
+        peak_mb=done.peak_mb, kept_mb=done.kept_mb, spilled_mb=done.spilled_mb)
+
+
+class _Moments:
+    """A bare holder of named moments for :meth:`varshift.distributed.Dist.merge_stats`."""
+
+    def __init__(self, moments: dict[str, ChannelMoments]) -> None:
+        self.moments = moments
+
+
+def _exact_levels(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, int]:
+    """One eval pass per dependency level, each stopped after its level's last norm."""
     levels = dependency_levels(_norm_reach(graph), targets)
     total = getattr(cal, "n_batches", None)
     per_forward: dict[str, int] | None = None

@@ -479,6 +479,44 @@ class Metrics:
 
 
 @dataclass
+class ExactInfo:
+    """Which path the exact estimator took, and why.
+
+    Attributes:
+        path: ``frontier`` (one pass over the data, cut before each norm on the fx graph) or
+            ``levels`` (one pass per dependency level).
+        reason: why ``levels`` ran (None for ``frontier``).
+        cuts: frontier cuts made (one per recalibrated norm that runs).
+        cache_mb: the memory budget for the activations kept at a cut (MiB).
+        peak_mb: the largest total of those activations over all batches at one cut (MiB).
+        kept_mb: the most of them held in memory at once (MiB; within ``cache_mb``).
+        spilled_mb: how much of it went to a temporary directory because it did not fit (MiB).
+    """
+
+    path: str
+    reason: str | None = None
+    cuts: int | None = None
+    cache_mb: float | None = None
+    peak_mb: float | None = None
+    kept_mb: float | None = None
+    spilled_mb: float | None = None
+
+    def note(self) -> str:
+        """One line for the report's notes."""
+        if self.path == "levels":
+            return f"exact estimator: one pass per dependency level, because {self.reason}"
+        cache_mb = self.cache_mb or 0.0
+        budget = f"{cache_mb:.0f}" if cache_mb >= 10 else f"{cache_mb:g}"
+        text = (f"exact estimator: one pass over the data, cut before each of {self.cuts} "
+                f"norms on the torch.fx graph; activations kept at a cut: at most "
+                f"{self.peak_mb:.1f} MiB (--cache-mb {budget})")
+        if self.spilled_mb:
+            text += (f"; over the budget, {self.spilled_mb:.1f} MiB went through a temporary "
+                     "directory (slower; raise --cache-mb to avoid it)")
+        return text
+
+
+@dataclass
 class RecalibrationReport:
     """What ``varshift.recalibrate`` changed, and what it did to the shifts and metrics.
 
@@ -504,6 +542,7 @@ class RecalibrationReport:
     source: str | None = None
     data: str | None = None
     eval_data: str | None = None
+    exact: ExactInfo | None = None  # the exact estimator's path (None for population)
 
     schema = "varshift.recalibrate/1"
 
@@ -564,6 +603,7 @@ class RecalibrationReport:
                 "source": self.source,
                 "output": self.output,
                 "estimator": self.estimator,
+                "exact": None if self.exact is None else dataclasses.asdict(self.exact),
                 "data": self.data,
                 "eval_data": self.eval_data,
                 "passes": self.passes,
