@@ -368,6 +368,8 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
         return passes, n, ExactInfo(path="levels", reason=reason)
     budget = frontier.default_cache_mb(device) if cache_mb is None else float(cache_mb)
     d = distributed.current()
+    if d.active:  # the default depends on each machine's free memory: one budget, the least
+        budget = min(d.exchange(budget))
     total = {"batches": 0}
 
     def write(name, moments, n_batches):
@@ -383,9 +385,12 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
         done = frontier.run(p, cal, prepare, write, budget, device, model, progress,
                             getattr(cal, "n_batches", None))
     n_batches = total["batches"] if d.active else done.batches
+    memory = (done.peak_mb, done.kept_mb, done.spilled_mb)
+    if d.active:  # the report is the same on every rank: the busiest rank's memory
+        memory = tuple(max(values) for values in zip(*d.exchange(memory)))
     return 1, n_batches, ExactInfo(
         path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
-        peak_mb=done.peak_mb, kept_mb=done.kept_mb, spilled_mb=done.spilled_mb)
+        peak_mb=memory[0], kept_mb=memory[1], spilled_mb=memory[2])
 
 
 class _Moments:
