@@ -149,6 +149,42 @@ def _emit(rep: Any, fmt: Format, report_file: str | None, quiet: bool) -> None:
 
 # --------------------------------------------------------------------------- commands
 
+MaxSamplesOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-samples", metavar="N", help="Use at most N samples (the last batch cut)."),
+]
+CallOpt = Annotated[
+    Optional[str],
+    typer.Option("--call", metavar="SPEC",
+                 help="pkg.module:fn or file.py:fn; fn(model, batch) returns the output or (output, labels)."),
+]
+OutputKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--output-key", metavar="KEY", help="The model output that holds the logits (default: logits, else the first tensor)."),
+]
+
+
+class LabelsMode(str, Enum):
+    auto = "auto"
+    none = "none"
+    last = "last"
+
+
+LabelsOpt = Annotated[
+    LabelsMode,
+    typer.Option("--labels", help="Tuple batches: auto, none (every item is an input) or last (the last item is the labels)."),
+]
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: cpu, cuda, or auto.")]
+
+
 
 @app.command()
 def scan(
@@ -157,6 +193,12 @@ def scan(
     arch_args: ArchArgsOpt = None,
     trust: TrustOpt = False,
     input_shape: InputShapeOpt = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", metavar="DATA", help="Trace with the first batch of DATA (models that need real inputs)."),
+    ] = None,
+    call: CallOpt = None,
+    labels: LabelsOpt = LabelsMode.auto,
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity.")
     ] = FailOn.error,
@@ -166,16 +208,28 @@ def scan(
 ) -> int:
     """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
     shape = _parse_shape(input_shape)
-    _check_outputs((model,), ("--report", report))
+    if shape and data:
+        raise VarshiftError("--input-shape and --data both give the example input; pass one")
+    _check_outputs((model, data), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     from .inputs import example_input
     from .rules import scan as scan_model
 
-    rep = scan_model(loaded.module, example_input(loaded.module, shape) if shape else None)
+    example = example_input(loaded.module, shape) if shape else None
+    if data:
+        example = _first_batch(_data(data, 64, 1))
+    rep = scan_model(loaded.module, example, call=call, labels=labels.value)
     rep.source = model
     rep.notes[:0] = loaded.notes
     _emit(rep, format, report, quiet)
     return 1 if rep.failed(fail_on.value) else 0
+
+
+def _first_batch(batches):
+    """The first batch of DATA, whole (as the source produced it)."""
+    for batch in batches:
+        return batch.raw
+    raise VarshiftError("DATA yielded no batches")
 
 
 DataOpt = Annotated[
@@ -194,15 +248,6 @@ MaxBatchesOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seeds the train-mode pass (dropout masks).")]
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
-
-
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: cpu, cuda, or auto.")]
-
-
 def _device(choice: Device):
     import torch
 
@@ -213,10 +258,10 @@ def _device(choice: Device):
     return torch.device(choice.value)
 
 
-def _data(spec: str, batch_size: int, max_batches: int | None):
+def _data(spec: str, batch_size: int, max_batches: int | None, max_samples: int | None = None):
     from .data import load_data
 
-    return load_data(spec, batch_size=batch_size, max_batches=max_batches)
+    return load_data(spec, batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
 
 
 class _Progress:
@@ -256,6 +301,9 @@ def probe(
     trust: TrustOpt = False,
     batch_size: BatchSizeOpt = 64,
     max_batches: MaxBatchesOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    call: CallOpt = None,
+    labels: LabelsOpt = LabelsMode.auto,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     fail_above: Annotated[
@@ -273,13 +321,13 @@ def probe(
     _check_outputs((model, data), ("--report", report))
     dev = _device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
+    batches = _data(data, batch_size, max_batches, max_samples)
     from .probing import probe as probe_model
 
     with _Progress("probing", quiet) as progress:
         rep = probe_model(
             loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
-            threshold=fail_above or 1.1,
+            threshold=fail_above or 1.1, call=call, labels=labels.value,
         )
     rep.source = model
     rep.notes[:0] = loaded.notes
@@ -304,12 +352,12 @@ ExactOpt = Annotated[
 ]
 
 
-def _onnx(fixed, out: str | None, batches):
+def _onnx(fixed, out: str | None, batches, labels: str = "auto"):
     if not out:
         return None
     from .export import export_onnx
 
-    return export_onnx(fixed, out, batches=batches)
+    return export_onnx(fixed, out, batches=batches, labels=labels)
 
 
 @app.command()
@@ -328,6 +376,10 @@ def recalibrate(
     trust: TrustOpt = False,
     batch_size: BatchSizeOpt = 64,
     max_batches: MaxBatchesOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    call: CallOpt = None,
+    labels: LabelsOpt = LabelsMode.auto,
+    output_key: OutputKeyOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     format: FormatOpt = Format.text,
@@ -339,7 +391,7 @@ def recalibrate(
                    ("--report", report))
     dev = _device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches)
+    batches = _data(data, batch_size, max_batches, max_samples)
     held_out = _data(eval_data, batch_size, None) if eval_data else None
     from .recalib import recalibrate as recalibrate_model
     from .saving import norm_buffer_keys, save_like
@@ -347,14 +399,15 @@ def recalibrate(
     with _Progress("recalibrating", quiet) as progress:
         fixed, rep = recalibrate_model(
             loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
-            eval_batches=held_out, device=dev, progress=progress,
+            eval_batches=held_out, device=dev, progress=progress, call=call,
+            labels=labels.value, output_key=output_key,
         )
     fixed = fixed.cpu()
     changed = norm_buffer_keys([l.name for l in rep.recalibrated], fixed)
     save_like(loaded, fixed, output, changed)
     rep.output, rep.source = output, model
     rep.notes[:0] = loaded.notes
-    rep.onnx = _onnx(fixed, onnx, batches)
+    rep.onnx = _onnx(fixed, onnx, batches, labels.value)
     _emit(rep, format, report, quiet)
     return 0 if rep.onnx is None or rep.onnx else 1
 
@@ -377,6 +430,10 @@ def swap(
     input_shape: InputShapeOpt = None,
     batch_size: BatchSizeOpt = 64,
     max_batches: MaxBatchesOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    call: CallOpt = None,
+    labels: LabelsOpt = LabelsMode.auto,
+    output_key: OutputKeyOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     format: FormatOpt = Format.text,
@@ -393,7 +450,7 @@ def swap(
         raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
     dev = _device(device)
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
+    batches = _data(data, batch_size, max_batches, max_samples) if data else None
     held_out = _data(eval_data, batch_size, None) if eval_data else None
     from ._io import write_with
     from .inputs import example_input
@@ -401,15 +458,17 @@ def swap(
 
     example = example_input(loaded.module, shape) if shape else None
     if example is None and batches is not None:
-        example = next(iter(batches))[0][:1]
-    swapped, rep = swap_model(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
+        example = _first_batch(batches)
+    swapped, rep = swap_model(loaded.module, to=to, beta=beta, inplace=True, example_input=example,
+                              call=call, labels=labels.value)
     if batches is not None:
         from .recalib import recalibrate as recalibrate_model
 
         with _Progress("recalibrating", quiet) as progress:
             swapped, rep.recalibration = recalibrate_model(
                 swapped.to(dev), batches, exact=exact, inplace=True, eval_batches=held_out,
-                device=dev, progress=progress,
+                device=dev, progress=progress, call=call, labels=labels.value,
+                output_key=output_key,
             )
         swapped = swapped.cpu()
     import torch
@@ -425,7 +484,7 @@ def swap(
         )
     if rep.graph_module or loaded.form != "module":
         rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
-    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
+    rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example], labels.value)
     _emit(rep, format, report, quiet)
     return 0 if rep.onnx is None or rep.onnx else 1
 
@@ -445,6 +504,8 @@ def export(
     trust: TrustOpt = False,
     batch_size: BatchSizeOpt = 64,
     max_batches: MaxBatchesOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    labels: LabelsOpt = LabelsMode.auto,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     format: FormatOpt = Format.text,
@@ -460,12 +521,13 @@ def export(
         raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     _check_outputs((model, data), ("--output", output), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
+    batches = _data(data, batch_size, max_batches, max_samples) if data else None
     from .export import export_onnx
     from .inputs import example_input
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
-    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol)
+    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol,
+                      labels=labels.value)
     rep.source = model
     _emit(rep, format, report, quiet)
     return 0 if rep else 1

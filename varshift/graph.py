@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import kinds
 from ._torch_utils import fork_rng, preserved_modes, removing
-from .errors import TraceError
+from .errors import TraceError, VarshiftError
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
 REGULARIZER, NORM = "regularizer", "norm"
@@ -411,10 +411,10 @@ class _DynamicTracer:
 
         return hook
 
-    def run(self, model: nn.Module, example: torch.Tensor) -> DataflowGraph:
+    def run(self, model: nn.Module, example: Any) -> DataflowGraph:
         self._pending_inputs: list[list[int]] = []
         inp = self.b.add("input", INPUT, "input")
-        self._set_outputs(example, inp)
+        self._set_outputs(_example_tensors(example), inp)
         handles: list = []
         with removing(handles):
             for name, module in model.named_modules():
@@ -428,13 +428,29 @@ class _DynamicTracer:
                     module.register_forward_hook(self.post_hook(name, leaf), with_kwargs=True)
                 )
             with _Recorder(self):
-                out = model(example)
+                out = _run_example(model, example)
         self.b.add("output", OUTPUT, "output", inputs=self._producers(out))
         return self.b.graph("dynamic")
 
 
-def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> DataflowGraph:
-    with preserved_modes(model), torch.no_grad(), fork_rng(example.device):
+def _example_tensors(example: Any) -> Any:
+    """The tensors of an example: a tensor, or an Invocation's inputs (varshift.calling)."""
+    return example.inputs() if hasattr(example, "inputs") else example
+
+
+def _run_example(model: nn.Module, example: Any) -> Any:
+    return example.run(model) if hasattr(example, "run") else model(example)
+
+
+def _example_device(example: Any) -> torch.device:
+    from .calling import tensors
+
+    found = tensors(_example_tensors(example))
+    return found[0].device if found else torch.device("cpu")
+
+
+def _run_dynamic(model: nn.Module, example: Any, training: bool) -> DataflowGraph:
+    with preserved_modes(model), torch.no_grad(), fork_rng(_example_device(example)):
         model.train(training)
         for m in model.modules():
             if kinds.is_norm(m):
@@ -442,8 +458,9 @@ def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> Dat
         return _DynamicTracer(model).run(model, example)
 
 
-def dynamic_graph(model: nn.Module, example: torch.Tensor) -> DataflowGraph:
-    """Trace ``model`` by running it once on ``example``.
+def dynamic_graph(model: nn.Module, example: Any) -> DataflowGraph:
+    """Trace ``model`` by running it once on ``example`` (a tensor, or an Invocation from
+    :mod:`varshift.calling` for other batches and ``--call``).
 
     Raises:
         TraceError: the model does not run on ``example``.
@@ -453,11 +470,15 @@ def dynamic_graph(model: nn.Module, example: torch.Tensor) -> DataflowGraph:
         if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
             eval_graph = _run_dynamic(model, example, training=False)
             graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    except VarshiftError:
+        raise
     except Exception as exc:  # the user's model raised on the example input
-        shape = tuple(example.shape)
+        from .calling import describe
+
+        what = (f"an example input of shape {tuple(example.shape)}"
+                if isinstance(example, torch.Tensor) else f"the batch {describe(example)}")
         raise TraceError(
-            f"the model does not run on an example input of shape {shape}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"the model does not run on {what}: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
     return graph
 

@@ -38,17 +38,27 @@ def expected_input(model: nn.Module) -> str | None:
     return None
 
 
-def fit_error(model: nn.Module, x: torch.Tensor, exc: BaseException, where: str = "DATA"):
-    """A one-line DataError for inputs that do not fit ``model``."""
+def fit_error(model: nn.Module, x, exc: BaseException, where: str = "DATA"):
+    """A one-line DataError for inputs (a tensor or an Invocation) that do not fit ``model``."""
     from .errors import DataError
 
     detail = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
     expected = expected_input(model)
     hint = f"; {expected}" if expected else ""
     return DataError(
-        f"{where} does not fit the model: inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
-        f"{hint} ({type(exc).__name__}: {detail})"
+        f"{where} does not fit the model: {_what(x)}{hint} ({type(exc).__name__}: {detail})"
     )
+
+
+def _what(x) -> str:
+    from .calling import Invocation, describe
+
+    if isinstance(x, Invocation) and x.call is None and len(x.args) == 1 and not x.kwargs \
+            and isinstance(x.args[0], torch.Tensor):
+        x = x.args[0]
+    if isinstance(x, torch.Tensor):
+        return f"inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
+    return f"inputs {describe(x)}"
 
 
 def input_preparer(model: nn.Module, device: torch.device | None = None):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ._torch_utils import check_materialized, model_device, preserved_modes, removing
 from .data import as_batches, peek
 from .graph import NORM, DataflowGraph
-from .inputs import input_preparer
+from .calling import Caller
 from . import distributed
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
@@ -50,6 +50,10 @@ def recalibrate(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
     process_group: Any = None,
+    call: Any = None,
+    labels: str = "auto",
+    output_key: str | None = None,
+    max_samples: int | None = None,
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
 
@@ -72,6 +76,11 @@ def recalibrate(
             once per pass, and every rank ends with bit-identical buffers and the same report.
             Default: the initialized default group, if any; ``False``: this process alone.
             A ``DistributedDataParallel`` wrapper is unwrapped (its module is fixed).
+        call: ``fn(model, batch)`` returning the output or ``(output, labels)`` (or a
+            ``pkg.module:fn`` string); default: the rules of :mod:`varshift.calling`.
+        labels: ``"auto"``, ``"none"`` or ``"last"``: how tuple batches split.
+        output_key: the output the metrics read (default: ``logits``, else the first tensor).
+        max_samples: use at most this many calibration samples (the last batch cut).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
@@ -80,23 +89,26 @@ def recalibrate(
     d = distributed.resolve(process_group)
     with distributed.using(d):
         return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
-                            eval_batches, measure, threshold, device, progress)
+                            eval_batches, measure, threshold, device, progress,
+                            call, labels, output_key, max_samples)
 
 
 def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measure, threshold,
-                 device, progress) -> tuple[nn.Module, RecalibrationReport]:
+                 device, progress, call=None, labels="auto", output_key=None,
+                 max_samples=None) -> tuple[nn.Module, RecalibrationReport]:
     check_materialized(model)
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
     single_pass = not exact and not measure
-    cal = as_batches(batches, once=single_pass)
+    cal = as_batches(batches, once=single_pass, max_samples=max_samples)
     fixed = model if inplace else copy.deepcopy(model)
     dev = torch.device(device) if device is not None else model_device(fixed)
-    prepare = input_preparer(fixed, dev)
+    caller = Caller(fixed, call=call, labels=labels, output_key=output_key, device=dev)
+    prepare = caller.prepare
     norms = norm_modules(fixed)
 
     first, stream = peek(cal)
-    scan_report, graph = scan_for(fixed, prepare(first[0]))
+    scan_report, graph = scan_for(fixed, prepare(first, 0, limit=None if call else 1))
     data = stream if single_pass else cal
     first = stream = None
     targets = [n.name for n in scan_report.norms if all_norms or n.affected]
@@ -119,9 +131,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 
     before_stats = before_metrics = None
     if measure:
-        before_stats, before_metrics = measure_eval(fixed, cal, prepare, norms)
+        before_stats, before_metrics = measure_eval(fixed, cal, caller, norms)
         if held_out:
-            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+            before_metrics = metrics_on(fixed, evaluation, caller, held_out=True)
     snapshot = {
         name: (m.running_mean.detach().double().mean().item(),
                m.running_var.detach().double().mean().item())
@@ -140,9 +152,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 
     after_stats = after_metrics = None
     if measure:
-        after_stats, after_metrics = measure_eval(fixed, cal, prepare, norms)
+        after_stats, after_metrics = measure_eval(fixed, cal, caller, norms)
         if held_out:
-            after_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+            after_metrics = metrics_on(fixed, evaluation, caller, held_out=True)
 
     layers = []
     order = before_stats.order if before_stats is not None else list(norms)
@@ -208,8 +220,8 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
         for m in norms.values():
             m.train()
         scratch.scratch()
-        for index, (x, _) in enumerate(batches):
-            forward(model, prepare(x), index)
+        for index, batch in enumerate(batches):
+            forward(model, prepare(batch, index), index)
             n_batches += 1
             if progress is not None:
                 progress(n_batches, total)
@@ -320,12 +332,12 @@ def _exact(model, cal, prepare, norms, targets, graph, progress) -> tuple[int, i
                     # downstream of them matters for this pass.
                     stats.stop_after = {n: per_forward[n] for n in level if n in per_forward}
                 n_batches = 0
-                for index, (x, _) in enumerate(cal):
+                for index, batch in enumerate(cal):
                     stats.begin_forward()
                     if counter is not None:
                         counter.begin_forward()
                     try:
-                        forward(model, prepare(x), index)
+                        forward(model, prepare(batch, index), index)
                     except StopForward:
                         pass
                     n_batches += 1
@@ -364,13 +376,11 @@ class _MetricSums:
         self.n = 0
         self.usable = True
 
-    def add(self, out: Any, y: torch.Tensor | None) -> None:
+    def add(self, logits: Any, y: torch.Tensor | None) -> None:
+        """Add one batch: ``logits`` as the caller picked them from the output."""
         if y is None or not self.usable:
             self.usable = self.usable and y is not None
             return
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(logits, dict):
-            logits = next(iter(logits.values()))
         if (
             not isinstance(logits, torch.Tensor)
             or logits.ndim != 2
@@ -398,7 +408,7 @@ class _MetricSums:
         return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
 
 
-def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None]:
+def measure_eval(model, cal, caller, norms) -> tuple[InputStats, Metrics | None]:
     """One eval pass: every norm's input moments, and metrics when labels are present."""
     sums = _MetricSums()
     with contextlib.ExitStack() as stack:
@@ -407,17 +417,25 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
         handles = stack.enter_context(removing([]))
         stats = InputStats(norms).attach(handles)
         model.eval()
-        for index, (x, y) in enumerate(cal):
-            sums.add(forward(model, prepare(x), index), y)
+        for index, batch in enumerate(cal):
+            _add_batch(sums, model, caller, batch, index)
     distributed.current().merge_stats(stats)
     return stats, sums.result(held_out=False)
 
 
-def metrics_on(model, batches, prepare, held_out: bool) -> Metrics | None:
+def _add_batch(sums: _MetricSums, model, caller, batch, index: int) -> None:
+    inv = caller.prepare(batch, index)
+    out = forward(model, inv, index)
+    # --output-key is checked on every output, labels or not: a wrong key is an error
+    wanted = inv.labels is not None or caller.output_key is not None
+    sums.add(caller.logits(out) if wanted else None, inv.labels)
+
+
+def metrics_on(model, batches, caller, held_out: bool) -> Metrics | None:
     """Accuracy and NLL of the eval-mode model on labelled ``batches`` (None without labels)."""
     sums = _MetricSums()
     with preserved_modes(model), torch.no_grad():
         model.eval()
-        for index, (x, y) in enumerate(batches):
-            sums.add(forward(model, prepare(x), index), y)
+        for index, batch in enumerate(batches):
+            _add_batch(sums, model, caller, batch, index)
     return sums.result(held_out)

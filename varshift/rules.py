@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import kinds
 from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
@@ -33,12 +33,17 @@ MIN_SEVERITY = {kinds.ALPHA_DROPOUT: "warning"}
 _MOVABLE = (kinds.DROPOUT, kinds.CHANNEL_DROPOUT, kinds.ALPHA_DROPOUT)
 
 
-def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> ScanReport:
+def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
+         labels: str = "auto") -> ScanReport:
     """Find every regularizer that reaches a BatchNorm in ``model``'s dataflow graph.
 
     Traces with torch.fx; when fx cannot trace the model, runs it once on ``example_input``
     (required then) and records the ops. The model's parameters, buffers and modes are left
     as they were.
+
+    ``example_input`` is a tensor, or any calibration batch (a tuple of positional inputs, a
+    dict of keyword arguments, ...), called by the rules of :mod:`varshift.calling` or by
+    ``call(model, batch)`` when given (a callable or a ``pkg.module:fn`` string).
 
     Returns:
         A :class:`ScanReport`; ``bool(report)`` is False when a finding has severity error.
@@ -47,19 +52,34 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
         TraceError: fx cannot trace the model and no example input was given, or the model
             does not run on the example input.
     """
+    import torch
+
+    from .calling import Caller, Invocation
+
+    if example_input is not None and not isinstance(example_input, Invocation) and (
+            call is not None or not isinstance(example_input, torch.Tensor)
+            or not example_input.is_floating_point()):
+        # one sample is enough to trace; a --call function gets the whole batch it expects
+        limit = None if call is not None else 1
+        example_input = Caller(model, call=call, labels=labels).prepare(example_input, limit=limit)
     return scan_traced(model, example_input)[0]
 
 
 def scan_traced(
-    model: "nn.Module", example_input: "torch.Tensor | None" = None
+    model: "nn.Module", example_input: Any = None
 ) -> tuple[ScanReport, DataflowGraph]:
-    """:func:`scan`, also returning the dataflow graph it traced (for passes that need it)."""
+    """:func:`scan`, also returning the dataflow graph it traced (for passes that need it).
+    ``example_input``: None, a tensor or a :class:`~varshift.calling.Invocation`."""
+    from .calling import describe
+
     graph = trace(model, example_input)
     report = scan_graph(graph, type(model).__name__)
     if graph.traced_with == "dynamic" and example_input is not None:
+        what = (f"input of shape {tuple(example_input.shape)}" if hasattr(example_input, "shape")
+                else f"batch {describe(example_input)}")
         report.notes.append(
             "torch.fx could not trace this model; it was traced by running it once on an "
-            f"input of shape {tuple(example_input.shape)} (branches not taken then are not seen)"
+            f"{what} (branches not taken then are not seen)"
         )
     return report, graph
 
