@@ -171,7 +171,7 @@ def test_sizes_and_cuts_follow_the_batch_structure():
     assert c["a"].shape == (4, 2) and c["b"].shape == (4,) and c["scale"] is d["scale"]
 
 
-@pytest.mark.parametrize("budget,sizes", [(25, [10, 10, 5]), (30, [10, 10, 10])])
+@pytest.mark.parametrize("budget,sizes", [(25, [10, 10, 5]), (30, [10, 10, 10]), (1, [1])])
 def test_max_samples_cuts_exactly_and_loads_nothing_past_it(budget, sizes):
     from torch.utils.data import DataLoader, Dataset
 

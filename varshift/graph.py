@@ -488,6 +488,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _single_layer_graph(model: nn.Module) -> DataflowGraph:
+    """The graph of a model that *is* a norm or a regularizer (a bare ``nn.BatchNorm2d``):
+    fx would trace into its forward and see only ``F.batch_norm``."""
+    b = _Builder(model)
+    inp = b.add("input", INPUT, "input")
+    op = b.add_module_call("", model, [inp.index])
+    b.add("output", OUTPUT, "output", inputs=[op.index])
+    return b.graph("fx")
+
+
 def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> DataflowGraph:
     """The dataflow graph of ``model``: fx first, the dynamic trace when fx cannot.
 
@@ -495,6 +505,8 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Datafl
         TraceError: fx cannot trace the model and no ``example_input`` was given (the message
             names ``--input-shape``), or the model does not run on ``example_input``.
     """
+    if _role(model)[0] is not None:
+        return _single_layer_graph(model)
     try:
         return fx_graph(model)
     except Exception as fx_exc:  # fx raises many types for untraceable Python
