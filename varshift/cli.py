@@ -369,6 +369,9 @@ def recalibrate(
     all_norms: Annotated[
         bool, typer.Option("--all-norms", help="Recalibrate every BatchNorm, not only affected ones.")
     ] = False,
+    include_frozen: Annotated[
+        bool, typer.Option("--include-frozen", help="Also recalibrate frozen BatchNorms (FrozenBatchNorm2d, momentum=0).")
+    ] = False,
     eval_data: EvalDataOpt = None,
     onnx: OnnxOpt = None,
     arch: ArchOpt = None,
@@ -400,7 +403,7 @@ def recalibrate(
         fixed, rep = recalibrate_model(
             loaded.module.to(dev), batches, exact=exact, all_norms=all_norms, inplace=True,
             eval_batches=held_out, device=dev, progress=progress, call=call,
-            labels=labels.value, output_key=output_key,
+            labels=labels.value, output_key=output_key, include_frozen=include_frozen,
         )
     fixed = fixed.cpu()
     changed = norm_buffer_keys([l.name for l in rep.recalibrated], fixed)

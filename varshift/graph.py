@@ -30,6 +30,9 @@ from .errors import TraceError, VarshiftError
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
 REGULARIZER, NORM = "regularizer", "norm"
+#: a BatchNorm without running statistics (track_running_stats=False): batch statistics at
+#: inference, a finding of its own
+BATCH_STATS_NORM = "batch_stats_norm"
 
 
 @dataclass
@@ -119,6 +122,8 @@ def _role(module: nn.Module) -> tuple[str | None, kinds.RegularizerInfo | None]:
         return REGULARIZER, reg
     if kinds.is_norm(module):
         return NORM, None
+    if kinds.is_batch_stats_norm(module):
+        return BATCH_STATS_NORM, None
     return None, None
 
 

@@ -139,7 +139,8 @@ def is_norm(module: Any) -> bool:
     """True for a norm that normalizes with stored running statistics at inference.
 
     BatchNorm-family layers (torch's ``_BatchNorm`` and any subclass, SyncBatchNorm, lazy
-    variants, third-party ``*BatchNorm*d`` classes by name) that track running statistics.
+    variants, third-party ``*BatchNorm*d`` classes by name, also frozen ones such as
+    torchvision's ``FrozenBatchNorm2d``) that hold running statistics.
     LayerNorm, GroupNorm, RMSNorm and InstanceNorm are never norms in this sense.
     """
     import torch.nn as nn
@@ -147,9 +148,37 @@ def is_norm(module: Any) -> bool:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return bool(module.track_running_stats) and getattr(module, "running_var", None) is not None
     names = class_names(type(module))
-    if any(n in NORM_CLASS_NAMES for n in names) and not any("Frozen" in n for n in names):
+    if any(n in NORM_CLASS_NAMES or _frozen_name(n) for n in names):
         return getattr(module, "running_var", None) is not None
     return False
+
+
+#: Class names of BatchNorms whose statistics training never updates (torchvision's
+#: ``FrozenBatchNorm2d``, detectron2's ``FrozenBatchNorm2d``, ...), matched by name.
+FROZEN_NORM_MARK = "Frozen"
+
+
+def _frozen_name(name: str) -> bool:
+    return FROZEN_NORM_MARK in name and "BatchNorm" in name
+
+
+def is_frozen_norm(module: Any) -> bool:
+    """A norm whose running statistics training never updates: a ``Frozen*BatchNorm*`` class
+    (no train-mode behaviour at all), or a BatchNorm with ``momentum=0``."""
+    if not is_norm(module):
+        return False
+    if any(_frozen_name(n) for n in class_names(type(module))):
+        return True
+    return getattr(module, "momentum", None) == 0
+
+
+def is_batch_stats_norm(module: Any) -> bool:
+    """A BatchNorm without running statistics (``track_running_stats=False``): it normalizes
+    with the statistics of each batch at inference too."""
+    import torch.nn as nn
+
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        not module.track_running_stats or getattr(module, "running_var", None) is None)
 
 
 def function_name(fn: Any) -> str:

@@ -35,8 +35,10 @@ class ScratchStats:
 
     def __init__(self, norms: dict[str, nn.Module]) -> None:
         self.norms = norms
+        # frozen norms (FrozenBatchNorm2d) have neither num_batches_tracked nor momentum
         self.saved = {
-            name: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum)
+            name: (m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None),
+                   getattr(m, "momentum", None))
             for name, m in norms.items()
         }
         self.buffers = {
@@ -75,8 +77,10 @@ def _put(m: nn.Module, running_mean, running_var, num_batches_tracked, momentum)
                        ("num_batches_tracked", num_batches_tracked)):
         if key in buffers:
             buffers[key] = value
-        else:
+        elif value is not None or hasattr(m, key):
             setattr(m, key, value)
+    if not hasattr(m, "momentum"):
+        return
     if "momentum" in m.__dict__:
         m.__dict__["momentum"] = momentum
     else:

@@ -54,6 +54,7 @@ def recalibrate(
     labels: str = "auto",
     output_key: str | None = None,
     max_samples: int | None = None,
+    include_frozen: bool = False,
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
 
@@ -81,6 +82,9 @@ def recalibrate(
         labels: ``"auto"``, ``"none"`` or ``"last"``: how tuple batches split.
         output_key: the output the metrics read (default: ``logits``, else the first tensor).
         max_samples: use at most this many calibration samples (the last batch cut).
+        include_frozen: also recalibrate frozen norms (``FrozenBatchNorm2d``, ``momentum=0``),
+            which are left alone by default because training never updates them
+            (``all_norms`` includes them too).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
@@ -90,12 +94,12 @@ def recalibrate(
     with distributed.using(d):
         return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
                             eval_batches, measure, threshold, device, progress,
-                            call, labels, output_key, max_samples)
+                            call, labels, output_key, max_samples, include_frozen)
 
 
 def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measure, threshold,
                  device, progress, call=None, labels="auto", output_key=None,
-                 max_samples=None) -> tuple[nn.Module, RecalibrationReport]:
+                 max_samples=None, include_frozen=False) -> tuple[nn.Module, RecalibrationReport]:
     check_materialized(model)
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
@@ -111,7 +115,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     scan_report, graph = scan_for(fixed, prepare(first, 0, limit=None if call else 1))
     data = stream if single_pass else cal
     first = stream = None
-    targets = [n.name for n in scan_report.norms if all_norms or n.affected]
+    targets = [n.name for n in scan_report.norms
+               if all_norms or (n.affected and (include_frozen or not n.frozen))
+               or (include_frozen and n.frozen)]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
     always_on = [r.name for r in scan_report.regularizers if r.always_on]
@@ -120,7 +126,12 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
             f"{', '.join(always_on)} {'stays' if len(always_on) == 1 else 'stay'} active in eval "
             "mode and cannot be switched off; its noise is part of the recalibrated statistics"
         )
-    if not targets:
+    if not targets and not norms:
+        notes.append("the model has no BatchNorm layer with running statistics; nothing to "
+                     "recalibrate")
+    elif not targets and all_norms:
+        notes.append("no BatchNorm layer ran on this data; nothing was recalibrated")
+    elif not targets:
         notes.append(
             "no BatchNorm layer is reached by an active regularizer; nothing to recalibrate "
             "(use --all-norms to recalibrate every BatchNorm)"
@@ -204,7 +215,7 @@ def _write(m: nn.Module, moments: ChannelMoments, n_batches: int) -> None:
     """Store new statistics in the norm's own buffers (same tensors, dtype and device)."""
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
-    if m.num_batches_tracked is not None:
+    if getattr(m, "num_batches_tracked", None) is not None:
         m.num_batches_tracked.fill_(n_batches)
 
 

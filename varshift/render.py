@@ -157,7 +157,7 @@ def _(report: ScanReport):
                     "severity", "remedy"):
             table.add_column(col, overflow="fold")
         for f in report.findings:
-            reg = next(r for r in report.regularizers if r.name == f.regularizer)
+            reg = _finding_subject(report, f)
             table.add_row(
                 f"{f.regularizer}\n[{reg.type}]",
                 _fmt_p(reg.p),
@@ -175,6 +175,15 @@ def _(report: ScanReport):
     parts += _remarks_text(report)
     parts.append(_verdict_text(bool(report), _worst(report), report.verdict))
     return Group(*parts)
+
+
+def _finding_subject(report: ScanReport, f) -> Any:
+    """The regularizer a finding is about; for a finding about a norm (no regularizer), a
+    stand-in that names the rule."""
+    from types import SimpleNamespace
+
+    reg = next((r for r in report.regularizers if r.name == f.regularizer), None)
+    return reg if reg is not None else SimpleNamespace(type=f.rule, p=None)
 
 
 def _traced(how: str) -> str:
@@ -196,7 +205,7 @@ def _(report: ScanReport) -> str:
     if report.findings:
         rows = []
         for f in report.findings:
-            reg = next(r for r in report.regularizers if r.name == f.regularizer)
+            reg = _finding_subject(report, f)
             rows.append([
                 f"`{f.regularizer}` ({reg.type})",
                 _fmt_p(reg.p),

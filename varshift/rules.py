@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import kinds
-from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
+from .graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
 from .reports import Finding, plural, severity_rank, NormEntry, RegularizerEntry, ScanReport
 
 if TYPE_CHECKING:
@@ -17,6 +17,11 @@ RULES = {
     "regularizer-before-norm": (
         "an active regularizer feeds a BatchNorm: its running variance records the "
         "training-time variance, which inference never sees"
+    ),
+    "norm-without-running-stats": (
+        "a BatchNorm with track_running_stats=False normalizes with each batch's statistics "
+        "at inference too: predictions depend on what else is in the batch, and a batch of "
+        "one sample cannot be normalized"
     ),
     "dropout-at-inference": (
         "a functional dropout stays active in eval mode (training=True hard-coded): "
@@ -73,7 +78,9 @@ def scan_traced(
     from .calling import describe
 
     graph = trace(model, example_input)
-    report = scan_graph(graph, type(model).__name__)
+    frozen = {name for name, m in model.named_modules() if kinds.is_frozen_norm(m)}
+    report = scan_graph(graph, type(model).__name__, frozen)
+    _mark_frozen(model, report)
     if graph.traced_with == "dynamic" and example_input is not None:
         what = (f"input of shape {tuple(example_input.shape)}" if hasattr(example_input, "shape")
                 else f"batch {describe(example_input)}")
@@ -82,6 +89,26 @@ def scan_traced(
             f"{what} (branches not taken then are not seen)"
         )
     return report, graph
+
+
+def _mark_frozen(model: "nn.Module", report: ScanReport) -> None:
+    """Flag the norms whose statistics training never updates, and say what that means."""
+    frozen = []
+    for entry in report.norms:
+        try:
+            module = model.get_submodule(entry.name) if entry.name else model
+        except AttributeError:
+            continue
+        entry.frozen = kinds.is_frozen_norm(module)
+        if entry.frozen:
+            frozen.append(entry)
+    if frozen:
+        types = sorted({e.type for e in frozen})
+        report.notes.append(
+            f"{plural(len(frozen), 'frozen BatchNorm layer')} ({', '.join(types)}): training never "
+            "updates their statistics, so dropout cannot have shifted them; recalibrated only "
+            "with --all-norms or --include-frozen"
+        )
 
 
 def _grouped(ops: list[Op]) -> dict[str, list[Op]]:
@@ -100,8 +127,10 @@ def _is_active(op: Op) -> bool:
     return reg.p is None or reg.p > 0
 
 
-def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
-    """Apply the rules to a dataflow graph."""
+def scan_graph(graph: DataflowGraph, model_name: str = "model",
+               frozen: "set[str] | frozenset[str]" = frozenset()) -> ScanReport:
+    """Apply the rules to a dataflow graph. Norms named in ``frozen`` (statistics that training
+    never updates) are listed but never affected: dropout cannot have shifted them."""
     reg_groups = _grouped([op for op in graph.ops if op.role == REGULARIZER])
     norm_groups = _grouped([op for op in graph.ops if op.role == NORM])
     norm_order = {name: i for i, name in enumerate(norm_groups)}
@@ -109,7 +138,8 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
     last_norm = next(reversed(norm_groups), None)
 
     def names(indices: set[int]) -> list[str]:
-        return sorted({graph.ops[i].name for i in indices}, key=norm_order.__getitem__)
+        found = {graph.ops[i].name for i in indices} - set(frozen)
+        return sorted(found, key=norm_order.__getitem__)
 
     regularizers: list[RegularizerEntry] = []
     findings: list[Finding] = []
@@ -161,7 +191,27 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
         )
         for name, ops in norm_groups.items()
     ]
+    findings += _batch_stats_findings(graph)
     return ScanReport(model_name, graph.traced_with, regularizers, norms, findings)
+
+
+def _batch_stats_findings(graph: DataflowGraph) -> list[Finding]:
+    """One finding per BatchNorm without running statistics."""
+    out = []
+    for name, ops in _grouped([op for op in graph.ops if op.role == BATCH_STATS_NORM]).items():
+        out.append(Finding(
+            rule="norm-without-running-stats",
+            severity="warning",
+            regularizer=name,
+            direct=[name],
+            downstream_count=len(graph.downstream(ops[0].index)),
+            predicted_shift=None,
+            remedy="train with track_running_stats=True (then `varshift recalibrate "
+                   "--all-norms` can fill its statistics), or use GroupNorm/LayerNorm",
+            message=f"{name or '(root)'} [{ops[0].target}(track_running_stats=False)] normalizes "
+                    "with batch statistics at inference: outputs depend on the batch",
+        ))
+    return out
 
 
 def _severity(kind: str, shift: float | None) -> str:
