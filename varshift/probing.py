@@ -117,7 +117,10 @@ def probe(
     from . import distributed
 
     d = distributed.resolve(process_group)
-    with distributed.using(d):
+    # the whole run under fork_rng: iterating a DataLoader (shuffling, random transforms)
+    # draws from the global generator too, from the very first batch on
+    dev = torch.device(device) if device is not None else model_device(distributed.unwrap(model))
+    with distributed.using(d), fork_rng(dev):
         return _probe(distributed.unwrap(model), batches, seed, threshold, device, progress, d,
                       call, labels, max_samples)
 

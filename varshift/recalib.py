@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._torch_utils import check_materialized, model_device, preserved_modes, removing
+from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
 from .data import as_batches, peek
 from .graph import NORM, DataflowGraph
 from .calling import Caller
@@ -91,7 +91,10 @@ def recalibrate(
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
     d = distributed.resolve(process_group)
-    with distributed.using(d):
+    # the whole run under fork_rng: iterating a DataLoader (shuffling, random transforms)
+    # draws from the global generator too, from the very first batch on
+    dev = torch.device(device) if device is not None else model_device(distributed.unwrap(model))
+    with distributed.using(d), fork_rng(dev):
         return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
                             eval_batches, measure, threshold, device, progress,
                             call, labels, output_key, max_samples, include_frozen)
