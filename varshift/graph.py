@@ -57,6 +57,10 @@ class Op:
     role: str | None = None
     reg: kinds.RegularizerInfo | None = None
     inputs: tuple[int, ...] = ()
+    #: number arguments of a functional call (read for a stochastic op's keep probability)
+    consts: tuple[float, ...] = ()
+    #: ``file:line in function`` of the call, where known (stochastic ops)
+    source: str | None = None
 
 
 @dataclass
@@ -68,6 +72,8 @@ class DataflowGraph:
     #: functional regularizers that are active with the model in eval mode (inference random)
     always_on: list[Op] = field(default_factory=list)
     module_types: dict[str, str] = field(default_factory=dict)
+    #: random draws that never reach the data path (``owner:op`` names)
+    idle_random: list[str] = field(default_factory=list)
 
     @functools.cached_property
     def _users(self) -> dict[int, list[int]]:
@@ -210,7 +216,10 @@ class _Builder:
         reg = kinds.regularizer_of_call(fn, args, kwargs) if not isinstance(fn, str) else None
         role = REGULARIZER if reg is not None else None
         qual = self.namer(owner, name) if reg is not None else f"{owner}:{name}"
-        return self.add(qual, FUNCTION, name, role, reg, inputs)
+        op = self.add(qual, FUNCTION, name, role, reg, inputs)
+        if name in kinds.RANDOM_OPS or name in kinds.MIXING_OPS or name in _KEEP_READERS:
+            op.consts = _numbers((*args, *kwargs.values()))
+        return op
 
     def graph(self, traced_with: str) -> DataflowGraph:
         return DataflowGraph(self.ops, traced_with, module_types=self.module_types)
@@ -224,12 +233,26 @@ class _LeafTracer(torch.fx.Tracer):
         return is_leaf(m)
 
 
-def _fx_trace(model: nn.Module, training: bool) -> tuple[nn.Module, torch.fx.Graph]:
-    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises."""
-    with preserved_modes(model):
+class RandomAtTraceTime(Exception):
+    """fx ran a random draw for real while tracing (``if torch.rand(1) < p:``, a draw with no
+    traced argument): the graph would bake in one outcome."""
+
+
+def _fx_trace(model: nn.Module, training: bool,
+              stack_traces: bool = False) -> tuple[nn.Module, torch.fx.Graph]:
+    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises,
+    and RandomAtTraceTime when tracing drew random numbers."""
+    with preserved_modes(model), fork_rng(torch.device("cpu")):
         model.train(training)
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
         tracer = _LeafTracer()
+        tracer.record_stack_traces = stack_traces
         graph = tracer.trace(model)
+        if not torch.equal(state, torch.get_rng_state()):
+            raise RandomAtTraceTime(
+                "random numbers drawn while tracing (random control flow, or a draw that "
+                "does not depend on the input)")
     return tracer.root, graph
 
 
@@ -269,6 +292,8 @@ def _fx_to_dataflow(root: nn.Module, graph: torch.fx.Graph) -> DataflowGraph:
             op = b.add_module_call(str(node.target), root.get_submodule(node.target), inputs)
         elif node.op in ("call_function", "call_method"):
             op = b.add_function_call(_fx_owner(node), node.target, node.args, node.kwargs, inputs)
+            if name in kinds.RANDOM_OPS or name in kinds.MIXING_OPS:
+                op.source = _fx_source(node)
             if kinds.is_inplace(node.target, tuple(node.args), dict(node.kwargs)):
                 # fx nodes are values, not tensors: after `a.add_(b)` later uses of `a` still
                 # name a's node, whatever the in-place op's own node feeds. Rebind `a` (and the
@@ -315,12 +340,176 @@ def _fx_owner(node: torch.fx.Node) -> str:
 def fx_graph(model: nn.Module) -> DataflowGraph:
     """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
     graph = _fx_to_dataflow(*_fx_trace(model, training=True))
+    random = _has_random(graph)
+    if random:  # again, with source lines for the stochastic ops (rare: costs a traceback per node)
+        graph = _fx_to_dataflow(*_fx_trace(model, training=True, stack_traces=True))
     # Functional dropout that stays on at inference shows in an eval-mode trace. Only a model
-    # with functional regularizers in train mode needs it (as in the dynamic trace).
-    if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
-        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False))
+    # with functional regularizers (or random draws) in train mode needs it.
+    eval_graph = None
+    if random or any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+        eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False, stack_traces=random))
         graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    if random:
+        mark_stochastic(graph, eval_graph)
     return graph
+
+
+# --------------------------------------------------------------------------- stochastic ops
+
+
+#: Ops whose number argument can say the keep probability of a random mask.
+_KEEP_READERS = frozenset({"floor", "floor_", "lt", "__lt__", "le", "__le__", "gt", "__gt__",
+                           "ge", "__ge__", "add", "__add__", "__radd__", "add_"})
+
+
+def _numbers(values: Iterable[Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values
+                 if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _has_random(graph: DataflowGraph) -> bool:
+    return any(op.kind == FUNCTION and op.target in kinds.RANDOM_OPS for op in graph.ops)
+
+
+def _fx_source(node: torch.fx.Node) -> str | None:
+    """``file:line in function`` of the innermost frame of an fx node's stack trace."""
+    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None)
+    if not trace:
+        return None
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
+    frames = [f for f in frames if not _internal(f[0])]
+    return _format_frame(*frames[-1]) if frames else None
+
+
+def _internal(path: str) -> bool:
+    """A frame of torch or varshift, not of the user's model."""
+    import os
+
+    path = os.path.abspath(path)
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    return path.startswith((here, torch_dir)) or "<frozen" in path
+
+
+def _format_frame(path: str, line: Any, function: str) -> str:
+    import os
+
+    return f"{os.path.basename(path)}:{line} in {function}"
+
+
+def _stack_source() -> str | None:
+    """The innermost frame of the running Python stack outside torch and varshift."""
+    import os
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()):
+        if not _internal(frame.filename):
+            return _format_frame(frame.filename, frame.lineno, frame.name)
+    return None
+
+
+def _random_closure(graph: DataflowGraph) -> tuple[set[int], set[int]]:
+    """(random-only ops, data ops): a random draw and what is computed from random draws and
+    constants alone; and everything the model's inputs, parameters or modules flow into."""
+    random_only: set[int] = set()
+    data: set[int] = set()
+    for op in graph.ops:
+        if op.kind == INPUT or op.kind == MODULE or op.role is not None:
+            data.add(op.index)
+            continue
+        ins = set(op.inputs)
+        if op.kind == FUNCTION and op.target in kinds.RANDOM_OPS and not (ins & data):
+            random_only.add(op.index)
+        elif ins & data:
+            data.add(op.index)
+        elif ins and ins <= random_only:
+            random_only.add(op.index)
+    return random_only, data
+
+
+def _keep_probability(graph: DataflowGraph, start: int, random_only: set[int]) -> float | None:
+    """The keep probability a random mask encodes, read from its construction: ``floor(keep +
+    rand)``, ``rand < keep``, ``rand >= p``, ``bernoulli_(keep)``; None when it cannot tell."""
+    stack, seen = [start], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        op = graph.ops[i]
+        c = next((v for v in op.consts if 0 < v < 1), None)
+        if c is not None:
+            if op.target in ("bernoulli", "bernoulli_", "lt", "__lt__", "le", "__le__") or (
+                    op.target in ("add", "__add__", "__radd__", "add_")):
+                return c
+            if op.target in ("gt", "__gt__", "ge", "__ge__"):
+                return 1 - c
+        stack.extend(j for j in op.inputs if j in random_only)
+    return None
+
+
+def _stochastic_candidates(graph: DataflowGraph) -> dict[str, Op]:
+    random_only, data = _random_closure(graph)
+    found: dict[str, Op] = {}
+    for op in graph.ops:
+        if op.kind != FUNCTION or op.role is not None or op.target not in kinds.MIXING_OPS:
+            continue
+        rnd = [i for i in op.inputs if i in random_only]
+        if rnd and any(i in data for i in op.inputs):
+            found[op.name] = op
+            keep = next((k for k in (_keep_probability(graph, i, random_only) for i in rnd)
+                         if k is not None), None)
+            op.reg = kinds.RegularizerInfo(kinds.STOCHASTIC, None if keep is None else 1 - keep,
+                                           None)
+    mixed = {i for op in found.values() for i in op.inputs}
+    graph.idle_random = sorted({
+        op.name for op in graph.ops
+        if op.kind == FUNCTION and op.target in kinds.RANDOM_OPS
+        and not _reaches_any(graph, op.index, mixed | {o.index for o in found.values()})})
+    return found
+
+
+def _reaches_any(graph: DataflowGraph, start: int, targets: set[int]) -> bool:
+    users = graph.users()
+    stack, seen = [start], set()
+    while stack:
+        i = stack.pop()
+        if i in targets:
+            return True
+        if i in seen:
+            continue
+        seen.add(i)
+        stack.extend(users.get(i, ()))
+    return False
+
+
+def mark_stochastic(graph: DataflowGraph, eval_graph: DataflowGraph | None) -> None:
+    """Make regularizers of kind ``stochastic`` of the ops where a random draw meets the data
+    path (multiplies, masks or shifts it), when that happens in training only; the same op in
+    the eval-mode graph too (noise at inference) goes to ``always_on``."""
+    found = _stochastic_candidates(graph)
+    at_eval = _stochastic_candidates(eval_graph) if eval_graph is not None else {}
+    for ops, training in ((found, None), (at_eval, True)):
+        namer = _Namer()
+        for op in ops.values():
+            op.role = REGULARIZER
+            op.reg = kinds.RegularizerInfo(kinds.STOCHASTIC, op.reg.p, training)
+            op.name = namer(op.name.split(":", 1)[0], _function_of(op))
+            if op.source:
+                op.target = f"{op.target} at {op.source}"
+    graph.always_on += list(at_eval.values())
+
+
+def _function_of(op: Op) -> str:
+    """A stochastic op is named after the Python function that computes it (``drop_connect``),
+    or after the op when that is a ``forward``."""
+    if op.source and " in " in op.source:
+        fn = op.source.rsplit(" in ", 1)[1]
+        if fn not in ("forward", "<module>", "<lambda>"):
+            return fn
+    return op.target
 
 
 def _fires_in_eval(op: Op) -> bool:
@@ -344,6 +533,10 @@ class _Recorder(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.t.leaf_depth == 0 and _dyn_name(func) in kinds.CONTROL_OPS \
+                and self.t.random_decision(args) and self.t.force is not None \
+                and _dyn_name(func) == "__bool__":
+            return self.t.force  # see dynamic_graph: both ways, to see every layer
         out = func(*args, **kwargs)
         if self.t.leaf_depth == 0:
             self.t.record_call(func, args, kwargs, out)
@@ -364,6 +557,46 @@ class _DynamicTracer:
         self.keep: list[torch.Tensor] = []  # keeps ids unique while tracing
         self.leaf_depth = 0
         self.stack: list[str] = []
+        # random control flow (LayerDrop): which ops are random draws or computed from them
+        # alone, which carry data, and per owner module the regularizer its decision makes
+        self.rand: set[int] = set()
+        self.data: set[int] = set()
+        self.flows: dict[str, list] = {}  # owner -> [regularizer op, armed]
+        self.force: bool | None = None
+        self.flow_seen = False
+
+    def random_decision(self, args: Any) -> bool:
+        """A Python decision on a random-only value (``if torch.rand(1) < p:``): the owner
+        module's later ops depend on it. Returns whether it is one."""
+        producers = set(self._producers(args))
+        if not producers or not producers <= self.rand:
+            return False
+        self.flow_seen = True
+        owner = self.stack[-1] if self.stack else ""
+        if owner not in self.flows:
+            op = self.b.add(f"{owner}:random_control_flow", FUNCTION, "random control flow",
+                            REGULARIZER, kinds.RegularizerInfo(kinds.STOCHASTIC, None, None))
+            op.source = _stack_source()
+            self.flows[owner] = [op, False]
+        return True
+
+    def _with_flows(self, inputs: list[int]) -> list[int]:
+        """Data that is computed after a random decision (once a module call has completed
+        since, so the first layer's own input does not count) depends on it."""
+        if not self.flows or not set(inputs) & self.data:
+            return inputs
+        extra = [op.index for owner, (op, armed) in self.flows.items()
+                 if armed and (owner == "" or owner in self.stack)]
+        return [*inputs, *extra]
+
+    def _classify(self, op: Op, random_source: bool) -> None:
+        ins = set(op.inputs)
+        if random_source and not ins & self.data:
+            self.rand.add(op.index)
+        elif ins & self.data or op.kind == MODULE:
+            self.data.add(op.index)
+        elif ins and ins <= self.rand:
+            self.rand.add(op.index)
 
     def _tensors(self, obj: Any) -> list[torch.Tensor]:
         leaves, _ = torch.utils._pytree.tree_flatten(obj)
@@ -385,7 +618,13 @@ class _DynamicTracer:
         if not self._tensors(out) and name not in ("__setitem__",) and not name.endswith("_"):
             return  # shape arithmetic and the like: nothing flows on
         owner = self.stack[-1] if self.stack else ""
-        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs)
+        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs),
+                                      self._with_flows(inputs))
+        self._classify(op, name in kinds.RANDOM_OPS)
+        ins = set(op.inputs)
+        if name in kinds.RANDOM_OPS or (name in kinds.MIXING_OPS and ins & self.rand
+                                        and ins & self.data):
+            op.source = _stack_source()  # only where a stochastic op may be: tracebacks cost
         self._set_outputs(out, op)
         if kinds.is_inplace(func, args, kwargs) and args and isinstance(args[0], torch.Tensor):
             self._set_outputs(args[0], op)
@@ -411,14 +650,24 @@ class _DynamicTracer:
                 self.leaf_depth -= 1
                 if self.leaf_depth == 0:
                     inputs = self._pending_inputs.pop()
-                    op = self.b.add_module_call(name, module, inputs)
+                    first = len(self.b.ops)
+                    op = self.b.add_module_call(name, module, self._with_flows(inputs))
+                    self.data.update(range(first, len(self.b.ops)))
                     self._set_outputs(output, op)
+            if self.flows:
+                self.flows.pop(name, None)  # its decisions end with it
+                # a module called by the deciding one has completed: what comes next is
+                # computed from a value the decision could have skipped
+                caller = self.stack[-1] if self.stack else ""
+                if caller in self.flows:
+                    self.flows[caller][1] = True
 
         return hook
 
     def run(self, model: nn.Module, example: Any) -> DataflowGraph:
         self._pending_inputs: list[list[int]] = []
         inp = self.b.add("input", INPUT, "input")
+        self.data.add(inp.index)
         self._set_outputs(_example_tensors(example), inp)
         handles: list = []
         with removing(handles):
@@ -454,13 +703,35 @@ def _example_device(example: Any) -> torch.device:
     return found[0].device if found else torch.device("cpu")
 
 
-def _run_dynamic(model: nn.Module, example: Any, training: bool) -> DataflowGraph:
+def _run_dynamic(model: nn.Module, example: Any, training: bool,
+                 force: bool | None = None) -> DataflowGraph:
+    return _trace_dynamic(model, example, training, force)[0]
+
+
+def _trace_dynamic(model: nn.Module, example: Any, training: bool,
+                   force: bool | None = None) -> tuple[DataflowGraph, bool]:
+    """One recorded run: (graph, whether a random decision steered Python control flow)."""
     with preserved_modes(model), torch.no_grad(), fork_rng(_example_device(example)):
+        torch.manual_seed(0)  # the same trace on every run, random draws and all
         model.train(training)
         for m in model.modules():
             if kinds.is_norm(m):
                 m.eval()  # running statistics stay untouched; batch size 1 works
-        return _DynamicTracer(model).run(model, example)
+        tracer = _DynamicTracer(model)
+        tracer.force = force
+        graph = tracer.run(model, example)
+        return graph, tracer.flow_seen
+
+
+def _train_graph(model: nn.Module, example: Any) -> DataflowGraph:
+    """The train-mode recorded graph. With random control flow (LayerDrop), one run may skip
+    layers by chance: run with every random decision forced each way and keep the run that
+    saw more, so the scan is the same on every run and sees every layer."""
+    graph, flow = _trace_dynamic(model, example, True)
+    if not flow:
+        return graph
+    runs = [_trace_dynamic(model, example, True, force)[0] for force in (False, True)]
+    return max(runs, key=lambda g: len(g.ops))
 
 
 def dynamic_graph(model: nn.Module, example: Any) -> DataflowGraph:
@@ -471,10 +742,15 @@ def dynamic_graph(model: nn.Module, example: Any) -> DataflowGraph:
         TraceError: the model does not run on ``example``.
     """
     try:
-        graph = _run_dynamic(model, example, training=True)
-        if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+        graph = _train_graph(model, example)
+        random = _has_random(graph)
+        if random or any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
             eval_graph = _run_dynamic(model, example, training=False)
             graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+            graph.always_on += [op for op in eval_graph.ops
+                                if op.target == "random control flow"]
+            if random:
+                mark_stochastic(graph, eval_graph)
     except VarshiftError:
         raise
     except Exception as exc:  # the user's model raised on the example input

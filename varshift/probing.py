@@ -241,11 +241,32 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
 
 
 def _check_calibration(report: ProbeReport) -> None:
-    """Warn when unaffected layers' train-mode variance is far from their running variance."""
+    """Warn when unaffected layers' train-mode variance is far from their running variance.
+
+    When the train-mode pass reproduces such a layer's shift (its train-mode variance matches
+    the running one, its eval variance does not), the cause is an op that is random in
+    training which no rule recognized, not the data: say that instead.
+    """
+    unexplained = [
+        l for l in report.layers
+        if l.affected is False and l.shift > MISMATCH and l.train_shift > MISMATCH
+        and _ratio_shift(l.train_var_mean, l.running_var_mean) <= MISMATCH
+    ]
+    if unexplained:
+        names = ", ".join(l.name for l in unexplained[:5])
+        worst = max(unexplained, key=lambda l: l.shift)
+        report.warnings.append(
+            f"{len(unexplained)} layer(s) that no recognized regularizer reaches show a shift "
+            f"that the train-mode pass reproduces ({names}; worst {worst.name}: "
+            f"{worst.shift:.2f}x): an unrecognized train-mode op upstream is the likely cause, "
+            "not the calibration data; recalibrate them with `varshift recalibrate --all-norms "
+            "--exact`"
+        )
+    skip = {l.name for l in unexplained}
     off = [
         (l, _ratio_shift(l.train_var_mean, l.running_var_mean))
         for l in report.layers
-        if l.affected is False
+        if l.affected is False and l.name not in skip
     ]
     off = [(l, r) for l, r in off if r > MISMATCH]
     if off:

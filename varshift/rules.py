@@ -81,6 +81,11 @@ def scan_traced(
     frozen = {name for name, m in model.named_modules() if kinds.is_frozen_norm(m)}
     report = scan_graph(graph, type(model).__name__, frozen)
     _mark_frozen(model, report)
+    if graph.idle_random:
+        report.notes.append(
+            f"random draws that never reach the data path (not regularizers): "
+            f"{', '.join(graph.idle_random[:5])}"
+        )
     if graph.traced_with == "dynamic" and example_input is not None:
         what = (f"input of shape {tuple(example_input.shape)}" if hasattr(example_input, "shape")
                 else f"batch {describe(example_input)}")
@@ -263,6 +268,14 @@ def _shift_finding(
     )
 
 
+def _inference_remedy(reg: RegularizerEntry) -> str:
+    if reg.kind == kinds.STOCHASTIC:
+        return "draw the random values only when self.training is True (noise at inference)"
+    if reg.type == "scaled_dot_product_attention":
+        return "pass dropout_p=0.0 when not self.training"
+    return f"pass training=self.training to {reg.type}() so it is off in eval mode"
+
+
 def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
     return Finding(
         rule="dropout-at-inference",
@@ -271,7 +284,7 @@ def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
         direct=direct,
         downstream_count=len(reg.reaches),
         predicted_shift=None,
-        remedy=f"pass training=self.training to {reg.type}() so it is off in eval mode",
-        message=f"{reg.name} [{reg.type}(p={reg.p:g})] is active in eval mode: every "
-        "inference is random",
+        remedy=_inference_remedy(reg),
+        message=f"{reg.name} [{reg.type}{'' if reg.p is None else f'(p={reg.p:g})'}] is active "
+        "in eval mode: every inference is random",
     )
