@@ -227,10 +227,15 @@ def _flat_batches(work: nn.Module, batches: Iterable[Any] | None,
 
     if batches is None:
         return work, []
+    from .data import LABEL_KEYS
+
     caller = Caller(work, labels=labels, device="cpu")
     invocations = []
     for i, b in enumerate(itertools.islice(batches, MAX_PARITY_BATCHES)):
-        invocations.append(caller.prepare(b, i))
+        inv = caller.prepare(b, i)
+        # the inference signature: labels a forward takes (Hugging Face) would add a loss
+        inv.kwargs = {k: v for k, v in inv.kwargs.items() if k not in LABEL_KEYS}
+        invocations.append(inv)
     if not invocations:
         return work, []
     plain = all(not inv.kwargs and inv.args and all(isinstance(a, torch_tensor()) for a in inv.args)
@@ -614,7 +619,7 @@ def _compare(check: ParityCheck, got: Sequence[np.ndarray], reference: list[torc
             check.error = (f"output {i}: shape {list(a.shape)} from onnxruntime, "
                            f"{list(b.shape)} from torch")
             return
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        a64, b64 = np.atleast_1d(a.astype(np.float64)), np.atleast_1d(b.astype(np.float64))
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(a64 - b64)
             both_nan = np.isnan(a64) & np.isnan(b64)

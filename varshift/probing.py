@@ -192,7 +192,8 @@ def _probe(model, batches, seed, threshold, device, progress, d, call=None, labe
         report.notes.append(
             f"{len(unused)} BatchNorm layer(s) never ran on this data: {', '.join(unused[:5])}"
         )
-    _check_calibration(report)
+    # frozen norms' statistics never came from this model's training: no evidence either way
+    _check_calibration(report, {n.name for n in scan_report.norms if n.frozen})
     return report
 
 
@@ -240,7 +241,7 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
     )
 
 
-def _check_calibration(report: ProbeReport) -> None:
+def _check_calibration(report: ProbeReport, frozen: "set[str] | frozenset" = frozenset()) -> None:
     """Warn when unaffected layers' train-mode variance is far from their running variance.
 
     When the train-mode pass reproduces such a layer's shift (its train-mode variance matches
@@ -249,7 +250,8 @@ def _check_calibration(report: ProbeReport) -> None:
     """
     unexplained = [
         l for l in report.layers
-        if l.affected is False and l.shift > MISMATCH and l.train_shift > MISMATCH
+        if l.affected is False and l.name not in frozen
+        and l.shift > MISMATCH and l.train_shift > MISMATCH
         and _ratio_shift(l.train_var_mean, l.running_var_mean) <= MISMATCH
     ]
     if unexplained:
@@ -266,7 +268,7 @@ def _check_calibration(report: ProbeReport) -> None:
     off = [
         (l, _ratio_shift(l.train_var_mean, l.running_var_mean))
         for l in report.layers
-        if l.affected is False and l.name not in skip
+        if l.affected is False and l.name not in skip and l.name not in frozen
     ]
     off = [(l, r) for l, r in off if r > MISMATCH]
     if off:

@@ -392,8 +392,9 @@ class _MetricSums:
 
     def add(self, logits: Any, y: torch.Tensor | None) -> None:
         """Add one batch: ``logits`` as the caller picked them from the output."""
-        if y is None or not self.usable:
-            self.usable = self.usable and y is not None
+        if not isinstance(y, torch.Tensor) or not self.usable:
+            # no labels, or labels that are not class indices (detection targets)
+            self.usable = self.usable and y is not None and isinstance(y, torch.Tensor)
             return
         if (
             not isinstance(logits, torch.Tensor)

@@ -87,10 +87,10 @@ def scan_traced(
             f"{', '.join(graph.idle_random[:5])}"
         )
     if graph.traced_with == "dynamic" and example_input is not None:
-        what = (f"input of shape {tuple(example_input.shape)}" if hasattr(example_input, "shape")
-                else f"batch {describe(example_input)}")
+        what = (f"an input of shape {tuple(example_input.shape)}"
+                if hasattr(example_input, "shape") else f"the batch {describe(example_input)}")
         report.notes.append(
-            "torch.fx could not trace this model; it was traced by running it once on an "
+            "torch.fx could not trace this model; it was traced by running it once on "
             f"{what} (branches not taken then are not seen)"
         )
     return report, graph
