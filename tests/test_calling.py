@@ -319,3 +319,32 @@ def test_scan_traces_with_the_first_batch(tmp_path, cli, save):
     import json
 
     assert [n["name"] for n in json.loads(r.out)["norms"] if n["affected"]] == ["bn"]
+
+
+class EEGNet(nn.Module):
+    """(N, 22 electrodes, 256 samples); data-dependent control flow fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(22, 8, 5)
+        self.drop = nn.Dropout(0.3)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        if x.abs().max() > 1e6:
+            x = x / 1e6
+        return self.bn(self.drop(self.conv(x)))
+
+
+def test_the_input_shape_hint_comes_from_the_first_layer(tmp_path, cli, save):
+    from varshift.errors import TraceError
+
+    with pytest.raises(TraceError, match=r"--input-shape 1,22,256\) or --data"):
+        varshift.scan(EEGNet())
+    from varshift.inputs import shape_hint
+
+    assert shape_hint(NeedsLabelsInTraining()) == "1,4"
+    assert shape_hint(C.Tokens()) is None and shape_hint(C.ImageTabular()) is None  # use --data
+    path = save(EEGNet(), "eeg.pt")
+    r = cli("scan", path, "--trust", "--input-shape", "1,22,256", "--format", "json")
+    assert r.code == 1, r.err

@@ -792,9 +792,14 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Datafl
         return fx_graph(model)
     except Exception as fx_exc:  # fx raises many types for untraceable Python
         if example_input is None:
+            from .inputs import shape_hint
+
+            hint = shape_hint(model)
+            how = (f"pass --input-shape (for example --input-shape {hint}) or --data"
+                   if hint else "pass --data (its first batch)")
             raise TraceError(
                 f"torch.fx cannot trace {type(model).__name__} ({type(fx_exc).__name__}: "
-                f"{_first_line(fx_exc)}); pass --input-shape (for example --input-shape "
-                "1,3,224,224) so varshift can trace it by running it once on an example input"
+                f"{_first_line(fx_exc)}); {how} so varshift can trace it by running it once "
+                "on an example input"
             ) from fx_exc
     return dynamic_graph(model, example_input)
