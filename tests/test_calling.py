@@ -129,6 +129,21 @@ def test_dict_output_metrics_read_logits_and_output_key():
         varshift.recalibrate(model, batches, output_key="scores")
 
 
+def test_dict_output_exports_every_output(tmp_path):
+    model = C.dict_out()
+    x = torch.randn(12, 6, generator=C.gen(4))
+    result = varshift.export_onnx(model, tmp_path / "d.onnx", batches=[(x, None)])
+    assert result, result.checks
+    assert result.outputs == 2 and result.batch_sizes == [1, 7, 12]
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "d.onnx")).run(None, {"input": x[:5].numpy()})
+    want = model(x[:5])
+    assert [g.shape for g in got] == [(5, 12), (5, 4)]
+    assert all(abs(g - w.detach().numpy()).max() < 1e-4
+               for g, w in zip(got, (want["embedding"], want["logits"])))
+
+
 def test_integer_inputs_keep_their_dtype_floats_take_the_models():
     model = C.tokens().double()
     batches = C.token_batches()
