@@ -118,9 +118,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     scan_report, graph = scan_for(fixed, prepare(first, 0, limit=None if call else 1))
     data = stream if single_pass else cal
     first = stream = None
+    # frozen norms are never affected (training cannot have shifted them): only on request
     targets = [n.name for n in scan_report.norms
-               if all_norms or (n.affected and (include_frozen or not n.frozen))
-               or (include_frozen and n.frozen)]
+               if all_norms or n.affected or (include_frozen and n.frozen)]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
     always_on = [r.name for r in scan_report.regularizers if r.always_on]
