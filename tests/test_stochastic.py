@@ -95,6 +95,8 @@ def test_sdpa_dropout_and_rnn_dropout():
     assert regs == [(":scaled_dot_product_attention", "dropout", 0.2, True)]
     assert affected(report) == {"bn"}
     assert not [f for f in report.findings if f.rule == "dropout-at-inference"]
+    _, swapped = varshift.swap(S.Attention(), example_input=torch.randn(2, 5, 8))
+    assert [(e.swapped, "dropout_p" in e.reason) for e in swapped.entries] == [(False, True)]
     report = varshift.scan(S.Recurrent(), torch.randn(2, 4, 5))
     assert [(r.name, r.p) for r in report.regularizers] == [("rnn:dropout", 0.25)]
     assert affected(report) == {"bn"}

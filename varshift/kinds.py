@@ -90,6 +90,10 @@ REGULARIZER_FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] =
     "scaled_dot_product_attention": (DROPOUT, ("dropout_p",), ()),
 }
 
+#: Functions whose dropout is one argument of a larger op (not ``x -> dropout(x)``): swap
+#: cannot replace them with Uout. Function name -> the argument that holds p.
+ARGUMENT_REGULARIZERS = {"scaled_dot_product_attention": "dropout_p"}
+
 #: Positional layout of functions whose signatures ``inspect`` cannot read, beyond the
 #: dropout ATen bindings.
 _POSITIONAL = {

@@ -85,6 +85,10 @@ def swap(
             attr = kinds.ATTRIBUTE_REGULARIZERS[reg.type][0]
             entries.append(_entry(reg, False, beta, f"dropout inside torch's {reg.type} (its "
                                   f"`{attr}` argument): set it to 0 in the model's code"))
+        elif reg.type in kinds.ARGUMENT_REGULARIZERS:  # attention's own dropout_p
+            arg = kinds.ARGUMENT_REGULARIZERS[reg.type]
+            entries.append(_entry(reg, False, beta, f"dropout inside {reg.type} (its `{arg}` "
+                                  "argument): pass 0 in the model's code"))
         elif reg.kind == kinds.STOCHASTIC:  # found by what it does: no call to rewrite
             entries.append(_entry(reg, False, beta, "a random op written inline (found by what "
                                   "it does): replace it with varshift.Uout in the model's code"))
