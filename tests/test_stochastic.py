@@ -100,6 +100,10 @@ def test_sdpa_dropout_and_rnn_dropout():
     report = varshift.scan(S.Recurrent(), torch.randn(2, 4, 5))
     assert [(r.name, r.p) for r in report.regularizers] == [("rnn:dropout", 0.25)]
     assert affected(report) == {"bn"}
+    single = S.Recurrent()
+    with pytest.warns(UserWarning, match="num_layers=1"):  # torch ignores the dropout then
+        single.rnn = torch.nn.LSTM(5, 6, num_layers=1, dropout=0.25, batch_first=True)
+    assert varshift.scan(single, torch.randn(2, 4, 5)).regularizers == []
 
 
 def test_noise_at_inference_and_idle_draws_are_reported_for_what_they_are():

@@ -179,7 +179,7 @@ def _nested_regularizers(module: nn.Module) -> list[tuple[str, str, kinds.Regula
         attr = kinds.ATTRIBUTE_REGULARIZERS.get(type(sub).__name__)
         if attr is not None:
             p = getattr(sub, attr[0], None)
-            if isinstance(p, (int, float)):
+            if isinstance(p, (int, float)) and kinds.attribute_applies(sub):
                 out.append((f"{prefix}:{attr[0]}", type(sub).__name__, kinds.RegularizerInfo(
                     attr[1], float(p), None)))
     return out

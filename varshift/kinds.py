@@ -49,6 +49,14 @@ ATTRIBUTE_REGULARIZERS: dict[str, tuple[str, str]] = {
     "RNN": ("dropout", DROPOUT),
 }
 
+def attribute_applies(module: Any) -> bool:
+    """Whether a layer's dropout argument acts at all: an RNN applies it only between stacked
+    layers (torch ignores it, with a warning, for ``num_layers=1``)."""
+    if type(module).__name__ in ("LSTM", "GRU", "RNN"):
+        return getattr(module, "num_layers", 1) > 1
+    return True
+
+
 #: Ops that draw random numbers (sources of a ``stochastic`` regularizer).
 RANDOM_OPS = frozenset({
     "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm",
