@@ -102,6 +102,10 @@ def test_labels_option_settles_ambiguous_pairs():
     y = torch.arange(8) % 3
     last = Caller(model, labels="last").prepare((x, mask, y))
     assert len(last.args) == 2 and torch.equal(last.labels, y)
+    # file data without labels comes as (x, None): never a None argument
+    for mode in ("auto", "none", "last"):
+        inv = Caller(model, labels=mode).prepare((x, None))
+        assert len(inv.args) == 1 and inv.labels is None
     # the mask really goes in: the BN input doubles
     rep_none = varshift.probe(model, [(x, mask)], labels="none")
     rep_auto = varshift.probe(model, [(x, mask)])

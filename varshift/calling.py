@@ -435,9 +435,11 @@ class Caller:
         return (d[x_key],), {}, labels
 
     def _split_sequence(self, items: list) -> tuple[tuple, dict, Any]:
+        while len(items) > 1 and items[-1] is None:  # (inputs, None): data without labels
+            items = items[:-1]
         n = len(items)
-        if self.labels == "last":
-            return tuple(items[:-1]), {}, items[-1] if n > 1 else None
+        if self.labels == "last" and n > 1:
+            return tuple(items[:-1]), {}, items[-1]
         if self.labels == "none":
             return tuple(items), {}, None
         sig = self.signature
