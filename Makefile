@@ -32,6 +32,8 @@ $(ARCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(ARCH_VENV)
 	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) $(ARCH_TORCH) $(TIMM)
 	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,lightning]'
+	# Hugging Face models for the calling-convention tests (config-built, no weights)
+	$(ARCH_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt transformers
 	touch $@
 
 # ruff and mypy only (no torch): fast, and mypy checks varshift's own types (pyproject.toml).

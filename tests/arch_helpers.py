@@ -152,8 +152,17 @@ def norm_inputs(
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
         torch.manual_seed(seed)
-        model(x)
+        run(model, x)
     return ins, outs
+
+
+def run(model: nn.Module, x: Any) -> Any:
+    """``model(x)``; ``x`` may also be a dict of keyword arguments or ``fn(model)``."""
+    if isinstance(x, dict):
+        return model(**x)
+    if callable(x) and not isinstance(x, torch.Tensor):
+        return x(model)
+    return model(x)
 
 
 def changed(base: dict[str, list[torch.Tensor]], other: dict[str, list[torch.Tensor]]) -> set[str]:
@@ -185,7 +194,7 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple, di
         for name, m in model.named_modules():
             handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(m.register_forward_hook(post(name), with_kwargs=True))
-        model(x)
+        run(model, x)
     return seen
 
 

@@ -279,7 +279,7 @@ BAD = {
     "callable raises": (lambda t, m: f"{m}:raises", "no dataset here"),
     "iteration raises": (lambda t, m: f"{m}:breaks_midway", "disk went away"),
     "dict without inputs": (lambda t, m: _write(t, "d.pt", lambda p: torch.save(
-        {"images_wrong": P.images(4)}, p)), "holds a dict"),
+        {"images_wrong": P.images(4)}, p)), "none names a parameter of Sequential.forward(input)"),
     "empty tensor": (lambda t, m: _write(t, "e.pt", lambda p: torch.save(torch.zeros(0, 3, 8, 8), p)),
                      "no samples"),
 }

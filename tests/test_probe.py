@@ -263,8 +263,9 @@ def test_empty_data_and_single_sample_batches():
     model = P.trained_net()
     with pytest.raises(DataError, match="no batches"):
         probe(model, [])
-    with pytest.raises(DataError, match="batch-size 2"):
-        probe(model, [P.images(1)])  # train-mode BatchNorm1d cannot normalize one sample
+    # one sample: the train-mode BatchNorm1d's statistics are read from its input (#9)
+    one = probe(model, [P.images(1)])
+    assert one.samples == 1 and all(l.eval_var_mean == l.eval_var_mean for l in one.layers)
 
 
 # --------------------------------------------------------------------------- reproducibility

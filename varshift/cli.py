@@ -118,6 +118,12 @@ class ModelOptions:
         return {"arch": self.arch, "arch_args": self.arch_args, "trust": self.trust}
 
 
+class LabelsMode(str, Enum):
+    auto = "auto"
+    none = "none"
+    last = "last"
+
+
 @dataclass
 class DataOptions:
     """How to read DATA and where to run (commands that read calibration data)."""
@@ -135,8 +141,19 @@ class DataOptions:
                      show_default=False),
     ] = None
 
+    max_samples: Annotated[
+        Optional[int],
+        typer.Option("--max-samples", metavar="N", help="Use at most N samples (the last batch cut)."),
+    ] = None
+    labels: Annotated[
+        LabelsMode,
+        typer.Option("--labels", help="Tuple batches: auto, none (every item is an input) or "
+                     "last (the last item is the labels)."),
+    ] = LabelsMode.auto
+
     def kwargs(self, device: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"batch_size": self.batch_size, "max_batches": self.max_batches}
+        out: dict[str, Any] = {"batch_size": self.batch_size, "max_batches": self.max_batches,
+                               "max_samples": self.max_samples, "labels": self.labels.value}
         if device:
             out["device"] = self.device or "auto"
         return out
@@ -241,6 +258,18 @@ ExampleSeedOpt = Annotated[
     int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
                       help="Seeds the random example input of --input-shape.")
 ]
+CallOpt = Annotated[
+    Optional[str],
+    typer.Option("--call", metavar="SPEC",
+                 help="pkg.module:fn or file.py:fn; fn(model, batch) returns the output or "
+                 "(output, labels)."),
+]
+OutputKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--output-key", metavar="KEY",
+                 help="The model output that holds the logits (default: logits, else the first "
+                 "tensor)."),
+]
 BackendOpt = Annotated[
     Optional[str],
     typer.Option("--backend", metavar="NAME",
@@ -308,6 +337,16 @@ class _Progress:
 def scan(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", metavar="DATA",
+                     help="Trace with the first batch of DATA (models that need real inputs)."),
+    ] = None,
+    call: CallOpt = None,
+    labels: Annotated[
+        LabelsMode,
+        typer.Option("--labels", help="Tuple batches of --data: auto, none or last."),
+    ] = LabelsMode.auto,
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding reaches this severity.")
     ] = FailOn.error,
@@ -317,8 +356,9 @@ def scan(
     """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
     from .files import scan_file
 
-    return _emit(scan_file(model, input_shape=input_shape, fail_on=fail_on.value,
-                           report=out.report, **model_opts.kwargs()), out)
+    return _emit(scan_file(model, input_shape=input_shape, data=data, call=call,
+                           labels=labels.value, fail_on=fail_on.value, report=out.report,
+                           **model_opts.kwargs()), out)
 
 
 @_command
@@ -328,6 +368,7 @@ def probe(
     seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, max=SEED_MAX,
                                       help="Seeds the train-mode pass (dropout masks).")] = 0,
     fail_above: FailAboveOpt = 1.1,
+    call: CallOpt = None,
     backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
     data_opts: DataOptions = DataOptions(),
@@ -338,7 +379,7 @@ def probe(
 
     with _Progress("probing", out.quiet) as progress:
         rep = probe_file(model, data, seed=seed, fail_above=fail_above, report=out.report,
-                         progress=progress, backend=backend, **model_opts.kwargs(),
+                         progress=progress, call=call, backend=backend, **model_opts.kwargs(),
                          **data_opts.kwargs())
     return _emit(rep, out)
 
@@ -365,6 +406,12 @@ def recalibrate(
         typer.Option("--max-accuracy-drop", metavar="PCT",
                      help="Exit 1 when accuracy falls by more than PCT percentage points."),
     ] = None,
+    include_frozen: Annotated[
+        bool, typer.Option("--include-frozen",
+                           help="Also recalibrate frozen BatchNorms (FrozenBatchNorm2d, momentum=0).")
+    ] = False,
+    call: CallOpt = None,
+    output_key: OutputKeyOpt = None,
     seed: DeprecatedSeedOpt = None,
     backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
@@ -381,7 +428,8 @@ def recalibrate(
             model, data, output, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
             eval_data=eval_data, onnx=onnx,
             fail_above=fail_above, max_accuracy_drop=max_accuracy_drop, report=out.report,
-            progress=progress, backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
+            progress=progress, include_frozen=include_frozen, call=call, output_key=output_key,
+            backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
         )
     return _emit(rep, out)
 
@@ -401,6 +449,8 @@ def swap(
     onnx: OnnxOpt = None,
     input_shape: InputShapeOpt = None,
     seed: ExampleSeedOpt = 0,
+    call: CallOpt = None,
+    output_key: OutputKeyOpt = None,
     backend: BackendOpt = None,
     model_opts: ModelOptions = ModelOptions(),
     data_opts: DataOptions = DataOptions(),
@@ -414,7 +464,8 @@ def swap(
             model, output, to=to, beta=beta, data=data, exact=exact, cache_mb=cache_mb,
             eval_data=eval_data,
             onnx=onnx, input_shape=input_shape, seed=seed, report=out.report, progress=progress,
-            backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
+            call=call, output_key=output_key, backend=backend, **model_opts.kwargs(),
+            **data_opts.kwargs(),
         )
     return _emit(rep, out)
 

@@ -9,6 +9,7 @@ batches (tensors, ``(inputs, labels)`` pairs or dicts).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import os
@@ -19,6 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 import numpy as np
 import torch
 
+from .calling import batch_size as samples_in
+from .calling import cut, take, tensors
 from .errors import ArchError, DataError, VarshiftError, one_line
 from .loading import check_readable, memory_bound, resolve_arch, safe_globals
 
@@ -31,29 +34,65 @@ SUPPORTED = (
     "an iterable of batches"
 )
 
-Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+class Batch(tuple):
+    """One batch as ``(inputs, labels or None)``, with the batch as the source produced it in
+    ``raw`` (numpy arrays made tensors). ``raw`` is what the calling convention
+    (:mod:`varshift.calling`) reads: a tuple of several model inputs, a dict of keyword
+    arguments, nested structures. For such batches ``inputs`` is ``raw`` itself."""
+
+    raw: Any
+
+    def __new__(cls, inputs: Any, labels: Any, raw: Any) -> "Batch":
+        self = super().__new__(cls, (inputs, labels))
+        self.raw = raw
+        return self
 
 
 def split_batch(batch: Any, where: str = "batch") -> Batch:
-    """Normalize one batch to ``(inputs, labels or None)``."""
-    if isinstance(batch, (torch.Tensor, np.ndarray)):
-        return _as_tensor(batch, where), None
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
-        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        if x is None:
+    """Normalize one batch to ``(inputs, labels or None)``, keeping the whole batch in ``raw``.
+
+    A tensor, an ``(inputs, labels)`` pair or a dict with an inputs key splits as before; any
+    other tuple, list or dict holding tensors (several model inputs, keyword arguments) is
+    kept whole as the inputs, for the calling convention to split with the model in hand.
+    """
+    raw = _numpy_to_torch(getattr(batch, "raw", batch))
+    if isinstance(raw, torch.Tensor):
+        return Batch(raw, None, raw)
+    if isinstance(raw, dict):
+        x = next((raw[k] for k in INPUT_KEYS if k in raw), None)
+        y = next((raw[k] for k in LABEL_KEYS if k in raw), None)
+        if x is None or not _is_array(x):
+            if tensors(raw):
+                return Batch(raw, None, raw)
             raise DataError(
-                f"{where} is a dict with keys {sorted(batch)[:8]}; expected one of {INPUT_KEYS}"
+                f"{where} is a dict with keys {sorted(map(str, raw))[:8]}; expected one of "
+                f"{INPUT_KEYS} or tensors under the names of the model's arguments"
             )
-        return _as_tensor(x, where), None if y is None else _as_tensor(y, where)
-    if isinstance(batch, (tuple, list)) and batch and _is_array(batch[0]):
-        x = _as_tensor(batch[0], where)
-        y = _as_tensor(batch[1], where) if len(batch) > 1 and _is_array(batch[1]) else None
-        return x, y
+        return Batch(_as_tensor(x, where), None if y is None or not _is_array(y)
+                     else _as_tensor(y, where), raw)
+    if isinstance(raw, (tuple, list)) and raw and _is_array(raw[0]) and len(raw) <= 2:
+        y = raw[1] if len(raw) > 1 and _is_array(raw[1]) else None
+        if y is None and len(raw) > 1 and raw[1] is not None:
+            return Batch(raw, None, raw)  # (tensor, something else): several inputs
+        return Batch(raw[0], y, raw)
+    if isinstance(raw, (tuple, list)) and tensors(raw):
+        return Batch(raw, None, raw)
     raise DataError(
         f"{where} is a {type(batch).__name__}; a batch must be a tensor, an (inputs, labels) "
-        "pair or a dict with 'inputs'"
+        "pair, a dict with 'inputs', or a tuple/list/dict of tensors"
     )
+
+
+def _numpy_to_torch(obj: Any) -> Any:
+    """``obj`` with numpy arrays (also inside tuples, lists and dicts) made tensors."""
+    if isinstance(obj, np.ndarray):
+        return _as_tensor(obj, "batch")
+    if isinstance(obj, dict) and any(isinstance(v, np.ndarray) for v in obj.values()):
+        return {k: _numpy_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields") \
+            and any(isinstance(v, (np.ndarray, tuple, list, dict)) for v in obj):
+        return type(obj)(_numpy_to_torch(v) for v in obj)
+    return obj
 
 
 def _is_array(x: Any) -> bool:
@@ -112,8 +151,11 @@ def _as_tensor(x: Any, where: str) -> torch.Tensor:
 class Calibration:
     """Re-iterable calibration batches with their provenance.
 
-    Iterating yields ``(inputs, labels or None)``; each iteration yields the same batches.
-    ``samples`` is known after the first iteration (or at once for in-memory data).
+    Iterating yields :class:`Batch` pairs ``(inputs, labels or None)``; each iteration yields
+    the same batches. ``samples`` is known after the first iteration (or at once for
+    in-memory data). With ``max_samples``, iteration stops after that many samples: the last
+    batch is cut, and no batch past the budget is pulled from the source (a DataLoader does
+    not load it).
     """
 
     source: str
@@ -124,18 +166,46 @@ class Calibration:
     notes: list[str] = field(default_factory=list)
     #: The source shards itself: a data callable that takes ``rank`` and ``world_size``.
     rank_aware: bool = False
+    max_samples: int | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
+        budget = self.max_samples
         # islice: stop before pulling a batch past max_batches (a DataLoader would load it)
         for i, raw in enumerate(itertools.islice(self.make_iter(), self.max_batches)):
-            x, y = split_batch(raw, f"batch {i} of {self.source}")
-            check_batch(x, y, i, self.source)
-            count += x.shape[0]
-            yield x, y
+            batch = split_batch(raw, f"batch {i} of {self.source}")
+            x, y = batch
+            n = _checked_size(batch, i, self.source)
+            if budget is not None and count + n > budget:
+                batch = split_batch(cut(batch.raw, budget - count), f"batch {i} of {self.source}")
+                n = budget - count
+            count += n
+            yield batch
+            del batch, x, y, raw
+            if budget is not None and count >= budget:
+                break  # before pulling another batch from the source
         if count == 0:
             raise DataError(f"{self.source} yielded no batches")
         self.samples = count
+
+
+def _checked_size(batch: Batch, index: int, source: str) -> int:
+    """Check one batch (see :func:`check_batch`) and return its number of samples."""
+    x, y = batch
+    if isinstance(x, torch.Tensor):
+        check_batch(x, y, index, source)
+        return int(x.shape[0])
+    for t in tensors(batch.raw):  # several inputs: each one must be clean
+        if t.is_floating_point() or t.is_complex():
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                raise DataError(f"batch {index} of {source} has {bad} NaN/Inf value(s) in its "
+                                "inputs; clean the data (varshift does not average over them)")
+    n = samples_in(batch.raw)
+    if not n:
+        raise DataError(f"batch {index} of {source} is empty ({type(batch.raw).__name__} with no "
+                        "batch dimension)")
+    return n
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor | None, index: int, source: str) -> None:
@@ -169,18 +239,25 @@ def _bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def from_tensors(
     inputs: Any, labels: Any = None, batch_size: int = 64,
-    source: str = "tensors", max_batches: int | None = None,
+    source: str = "tensors", max_batches: int | None = None, max_samples: int | None = None,
 ) -> Calibration:
-    """Calibration batches from in-memory tensors or arrays, in order (no shuffling)."""
+    """Calibration batches from in-memory tensors or arrays, in order (no shuffling).
+
+    ``inputs`` may also be a tuple or dict of tensors that share the first dimension (several
+    model inputs, keyword arguments); each batch is then the same structure, sliced.
+    """
+    if not isinstance(inputs, (torch.Tensor, np.ndarray)) and labels is None:
+        return _from_structure(inputs, batch_size, source, max_batches, max_samples)
     x = _as_tensor(inputs, source)
     y = None if labels is None else _as_tensor(labels, source)
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{source} holds no samples (inputs of shape {tuple(x.shape)})")
     if y is not None and y.shape[:1] != x.shape[:1]:
         raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels")
-    bounds = _bounds(x.shape[0], batch_size)[:max_batches]
+    n = x.shape[0] if max_samples is None else min(x.shape[0], max_samples)
+    bounds = _bounds(n, batch_size)[:max_batches]
 
-    def make() -> Iterator[Batch]:
+    def make() -> Iterator[Any]:
         for a, b in bounds:
             yield x[a:b], None if y is None else y[a:b]
 
@@ -198,7 +275,30 @@ def _kind_of(head: bytes) -> str:
         return f"an unrecognized format (it starts with {head[:8]!r})"
 
 
-def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _from_structure(obj: Any, batch_size: int, source: str, max_batches: int | None,
+                    max_samples: int | None) -> Calibration:
+    obj = _numpy_to_torch(obj)
+    n = samples_in(obj)
+    found = tensors(obj)
+    if not n or not found or any(t.ndim == 0 or t.shape[0] != n for t in found):
+        raise DataError(f"{source}: a {type(obj).__name__} of tensors needs the same number of "
+                        f"samples (first dimension) in each; got {_shapes(found)}")
+    if max_samples is not None:
+        n = min(n, max_samples)
+    bounds = _bounds(n, batch_size)[:max_batches]
+
+    def make() -> Iterator[Any]:
+        for a, b in bounds:
+            yield take(obj, a, b)
+
+    return Calibration(source, make, max_batches, samples=bounds[-1][1], n_batches=len(bounds))
+
+
+def _shapes(found: list) -> str:
+    return ", ".join(str(tuple(t.shape)) for t in found[:6]) or "no tensors"
+
+
+def _load_pt(path: Path) -> tuple[Any, torch.Tensor | None]:
     from torch.utils.data import TensorDataset
 
     # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (0x80 PROTO).
@@ -230,10 +330,12 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             )
         raise DataError(f"DATA {path} is truncated or not a torch.save file ({text[:200]})")
     if isinstance(obj, TensorDataset):
-        tensors = obj.tensors
-        return tensors[0], tensors[1] if len(tensors) > 1 else None
+        parts = obj.tensors
+        if len(parts) > 2:  # several model inputs (and maybe labels): the calling rules decide
+            return tuple(parts), None
+        return parts[0], parts[1] if len(parts) > 1 else None
     try:
-        return split_batch(obj, f"DATA {path}")
+        batch = split_batch(obj, f"DATA {path}")
     except DataError:
         # Arrays of a refused dtype or layout keep their own message; other objects get the
         # list of supported layouts.
@@ -241,6 +343,11 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         if any(_is_array(a) for a in arrays):
             raise
         raise DataError(f"DATA {path} holds a {type(obj).__name__}; {SUPPORTED}") from None
+    if isinstance(batch.raw, dict) or not isinstance(batch[0], torch.Tensor):
+        # keep the names: the calling convention passes dict keys that name forward's
+        # parameters as keyword arguments, and reads inputs/labels keys as before
+        return batch.raw, None
+    return tuple(batch)
 
 
 #: What numpy says when a file holds pickled objects; its advice (load it unsafely) is
@@ -359,7 +466,8 @@ def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
 
 
 def load_data(
-    spec: str | os.PathLike, batch_size: int = 64, max_batches: int | None = None
+    spec: str | os.PathLike, batch_size: int = 64, max_batches: int | None = None,
+    max_samples: int | None = None,
 ) -> Calibration:
     """Open calibration data (see the module docstring for formats).
 
@@ -367,6 +475,8 @@ def load_data(
         spec: a file path or ``pkg.module:callable``.
         batch_size: samples per batch for file data (callables batch themselves).
         max_batches: use at most this many batches.
+        max_samples: use at most this many samples (the last batch cut); a callable's
+            iterator is not asked for a batch past the budget.
 
     Raises:
         DataError: a one-line message naming the problem and the supported formats.
@@ -375,10 +485,13 @@ def load_data(
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"--max-batches must be >= 1, got {max_batches}")
+    check_max_samples(max_samples)
     text = str(spec)
     path = Path(text)
     if ":" in text and not path.exists() and path.suffix.lower() not in (".pt", ".npy", ".npz"):
-        return _from_callable(text, max_batches)
+        cal = _from_callable(text, max_batches)
+        cal.max_samples = max_samples
+        return cal
     try:
         check_readable(path, "DATA")
     except Exception as exc:
@@ -390,27 +503,43 @@ def load_data(
         x, y = _load_numpy(path)
     else:
         raise DataError(f"DATA {path}: unsupported file type {suffix or '(none)'}; {SUPPORTED}")
-    return from_tensors(x, y, batch_size, source=str(path), max_batches=max_batches)
+    return from_tensors(x, y, batch_size, source=str(path), max_batches=max_batches,
+                        max_samples=max_samples)
 
 
-def as_batches(batches: Iterable[Any], once: bool = False) -> Iterable[Batch]:
+def check_max_samples(max_samples: int | None) -> None:
+    """Raises DataError unless ``max_samples`` is None or a positive integer."""
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise DataError(f"--max-samples must be an integer >= 1, got {max_samples!r}")
+
+
+def as_batches(batches: Iterable[Any], once: bool = False,
+               max_samples: int | None = None) -> Iterable[Batch]:
     """Normalize an API ``batches`` argument to a re-iterable of ``(inputs, labels)``.
 
     A :class:`Calibration` or a re-iterable (list, DataLoader) passes through; a one-shot
     iterator (a generator) is materialized once, so that multi-pass estimators can reuse it.
     With ``once=True`` (a caller that iterates exactly once, like probe) a one-shot iterator
-    is wrapped instead, so memory stays O(one batch) whatever its length.
+    is wrapped instead, so memory stays O(one batch) whatever its length. ``max_samples``
+    cuts the data after that many samples (see :class:`Calibration`).
     """
+    check_max_samples(max_samples)
     if isinstance(batches, Calibration):
-        return batches
+        if max_samples is None:
+            return batches
+        budget = max_samples if batches.max_samples is None else min(max_samples, batches.max_samples)
+        return dataclasses.replace(batches, max_samples=budget, samples=None, n_batches=None)
     if isinstance(batches, torch.Tensor):
-        return Calibration("batches", lambda: iter([batches]))
+        return Calibration("batches", lambda: iter([batches]), max_samples=max_samples)
     if iter(batches) is batches:  # a one-shot iterator
+        stream: Iterator[Any] = iter(batches)
         if once:
-            return Calibration("batches", lambda: iter(batches))  # the iterator itself
-        batches = list(batches)
-    n = len(batches) if isinstance(batches, Sized) else None
-    return Calibration("batches", lambda: iter(batches), n_batches=n)
+            return Calibration("batches", lambda: stream, max_samples=max_samples)
+        batches = list(Calibration("batches", lambda: stream, max_samples=max_samples))
+        max_samples = None
+    n = len(batches) if isinstance(batches, Sized) and max_samples is None else None
+    return Calibration("batches", lambda: iter(batches), n_batches=n, max_samples=max_samples)
 
 
 def peek(batches: Iterable[Any]) -> tuple[Batch, Iterator[Batch]]:

@@ -435,7 +435,7 @@ def shard_data(cal: Any, d: Dist) -> Any:
     """This rank's share of a :class:`~varshift.data.Calibration`.
 
     File data (and any source that does not shard itself) is split by batch index after
-    ``max_batches``: rank r takes batches r, r + N, ... A data callable that takes ``rank``
+    ``max_batches`` and ``max_samples``: rank r takes batches r, r + N, ... A data callable that takes ``rank``
     and ``world_size`` already returned this rank's share and passes through.
 
     Raises:
@@ -443,8 +443,6 @@ def shard_data(cal: Any, d: Dist) -> Any:
     """
     if not d.active or getattr(cal, "rank_aware", False):
         return cal
-    import itertools
-
     from .data import Calibration
     from .errors import DataError
 
@@ -456,9 +454,11 @@ def shard_data(cal: Any, d: Dist) -> Any:
             f"{cal.source} has {total} batch(es) for {d.world} ranks: every rank needs at "
             "least one; use a smaller --batch-size or fewer processes"
         )
+    # Shard what ``cal`` yields, after its own --max-batches / --max-samples cut: the budget
+    # is the job's, not each rank's.
     return Calibration(
         cal.source,
-        lambda: shard(itertools.islice(cal.make_iter(), cal.max_batches), d),
+        lambda: shard(iter(cal), d),
         n_batches=None if total is None else len(range(d.rank, total, d.world)),
     )
 

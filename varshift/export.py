@@ -24,6 +24,7 @@ import io
 import itertools
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -64,6 +65,7 @@ def export_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     opset: int | None = None,
+    labels: str = "auto",
 ) -> ParityResult:
     """Export ``model`` in eval mode to ONNX at ``path`` and check it in onnxruntime.
 
@@ -88,11 +90,15 @@ def export_onnx(
         example_input: a tensor, or a tuple of tensors for a model with several inputs,
             with the batch as the first dimension. ``None``: the inputs of the first of
             ``batches``.
-        batches: calibration data, an iterable of input tensors or ``(inputs, labels)``
-            pairs (only the first few are read).
+        batches: calibration data, an iterable of batches split by the calling convention
+            of :mod:`varshift.calling` (tensors, ``(inputs, labels)`` pairs, tuples of
+            positional inputs, dicts of keyword arguments; only the first few are read).
+            Every tensor input becomes an ONNX input with a dynamic batch dimension and
+            every tensor in the output (tuples, dicts, ``ModelOutput``) an ONNX output.
         atol, rtol: the tolerance, ``numpy.allclose`` style: every output element must have
             ``|onnx - torch| <= atol + rtol * |torch|`` (defaults 1e-4 and 1e-3).
         opset: the ONNX opset to export to (default: the exporter's).
+        labels: how tuple batches split (``"auto"``, ``"none"``, ``"last"``).
 
     Returns:
         A :class:`ParityResult`; ``bool(result)`` is True when every check passed.
@@ -105,7 +111,7 @@ def export_onnx(
     import torch
 
     out = check_output_path(path, "ONNX output")
-    work, example, batch_list = _prepare(model, example_input, batches, atol, rtol)
+    work, example, batch_list = _prepare(model, example_input, batches, atol, rtol, labels)
     name = type(model).__name__
 
     # fork_rng: neither tracing nor the parity runs may move the caller's global RNG
@@ -150,28 +156,25 @@ def check_onnx_parity(
 
 
 def _prepare(model: nn.Module, example_input: Any, batches: Iterable[Any] | None,
-             atol: float, rtol: float) -> tuple[nn.Module, tuple, list]:
-    """An eval-mode CPU copy of ``model``, the example inputs and the parity batches (CPU)."""
+             atol: float, rtol: float, labels: str = "auto") -> tuple[nn.Module, tuple, list]:
+    """An eval-mode CPU copy of ``model`` taking flat tensor inputs, the example inputs and
+    the parity batches (CPU). Batches go through the same calling convention as probe and
+    recalibrate (integer images take the model's dtype; token ids stay integers)."""
     import torch
 
     for label, tol in (("atol", atol), ("rtol", rtol)):
         if not tol >= 0:
             raise VarshiftError(f"{label} must be a number >= 0, got {tol}")
-    batch_list = _take_batches(batches)
-    example = _example_inputs(example_input, batch_list)
     try:
         work = copy.deepcopy(model)
     except Exception as exc:  # e.g. a module holding an open file or a lock
         raise ExportError(f"cannot copy {type(model).__name__} for export (the original is "
                           f"never changed): {one_line(exc, root=True, typed=True)}") from exc
     work = work.to("cpu").eval()
-    # The same input handling as probe and recalibrate: integer images (and float64 data)
-    # take the model's floating dtype; token ids stay integers for models that embed them.
-    from .inputs import input_preparer
-
-    prepare = input_preparer(work, torch.device("cpu"))
-    example = tuple(prepare(t) for t in example)
-    batch_list = [tuple(prepare(t) for t in b) for b in batch_list]
+    work, batch_list = _flat_batches(work, batches, labels)
+    example = _example_inputs(example_input, batch_list)
+    example = tuple(t.to("cpu") for t in example)
+    batch_list = [tuple(t.to("cpu") for t in b) for b in batch_list]
     # Inputs that do not fit are a data problem; say so before an exporter buries it.
 
     with torch.no_grad(), _captured_output():
@@ -200,23 +203,111 @@ def _as_inputs(value: Any, what: str) -> tuple[torch.Tensor, ...]:
     raise DataError(f"{what} must be a tensor or a tuple of tensors, got {type(value).__name__}")
 
 
-def _batch_inputs(batch: Any) -> Any:
-    """The inputs of one calibration batch: a tensor, the first item of a pair, or a dict's
-    inputs under the same keys calibration data uses (``varshift.data.INPUT_KEYS``)."""
-    if isinstance(batch, dict):
-        from .data import INPUT_KEYS
+def _flat_batches(work: nn.Module, batches: Iterable[Any] | None,
+                  labels: str) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """The parity batches as flat tuples of tensors, and the module to export.
 
-        return next((batch[k] for k in INPUT_KEYS if k in batch), batch)
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    return batch
+    A batch that is one tensor or several positional tensors goes in as it is. Any other
+    structure (keyword arguments, nested inputs, non-tensor arguments) is flattened: the
+    module exported is :class:`_FlatInputs` around ``work``, which rebuilds the structure
+    from the flat tensors, so that each tensor is one ONNX input.
+    """
+    from .calling import Caller
 
-
-def _take_batches(batches: Iterable[Any] | None) -> list[tuple[torch.Tensor, ...]]:
     if batches is None:
-        return []
-    return [_as_inputs(_batch_inputs(b), f"calibration batch {i + 1}")
-            for i, b in enumerate(itertools.islice(batches, MAX_PARITY_BATCHES))]
+        return work, []
+    from .data import LABEL_KEYS
+
+    caller = Caller(work, labels=labels, device="cpu")
+    invocations = []
+    for i, b in enumerate(itertools.islice(batches, MAX_PARITY_BATCHES)):
+        inv = caller.prepare(b, i)
+        # the inference signature: labels a forward takes (Hugging Face) would add a loss
+        inv.kwargs = {k: v for k, v in inv.kwargs.items() if k not in LABEL_KEYS}
+        invocations.append(inv)
+    if not invocations:
+        return work, []
+    plain = all(not inv.kwargs and inv.args and all(isinstance(a, torch_tensor()) for a in inv.args)
+                for inv in invocations)
+    if plain:
+        return work, [tuple(inv.args) for inv in invocations]
+    flat = _FlatInputs(work, invocations[0].args, invocations[0].kwargs).eval()
+    return flat, [flat.flatten(inv.args, inv.kwargs, f"calibration batch {i + 1}")
+                  for i, inv in enumerate(invocations)]
+
+
+def torch_tensor():
+    import torch
+
+    return torch.Tensor
+
+
+def _flat_module_class():
+    import torch.nn as nn
+    from torch.utils import _pytree as pytree
+
+    class FlatInputs(nn.Module):
+        """``model`` called with flat tensors: rebuilds ``(args, kwargs)`` of the template
+        structure (non-tensor leaves kept as constants) and returns the output's tensors as
+        a flat tuple."""
+
+        def __init__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+            super().__init__()
+            self.model = model
+            leaves, self.spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+            self.slots = [i for i, v in enumerate(leaves) if isinstance(v, torch_tensor())]
+            self.constants = [None if i in self.slots else v for i, v in enumerate(leaves)]
+            names = _leaf_names(args, kwargs, model)
+            self.names = [names[i] if i < len(names) else f"input_{k}"
+                          for k, i in enumerate(self.slots)]
+
+        def flatten(self, args: tuple, kwargs: dict, what: str) -> tuple:
+            leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+            if spec != self.spec:
+                from .errors import DataError
+
+                raise DataError(f"{what} has another structure than the first batch; export "
+                                "needs batches of one structure")
+            return tuple(leaves[i] for i in self.slots)
+
+        def forward(self, *flat):
+            leaves = list(self.constants)
+            for i, t in zip(self.slots, flat):
+                leaves[i] = t
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            return tuple(_flatten(self.model(*args, **kwargs)))
+
+    return FlatInputs
+
+
+def _leaf_names(args: tuple, kwargs: dict, model) -> list[str]:
+    """A name for every leaf of ``(args, kwargs)``: forward's parameter names, dict keys."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters]
+    except (TypeError, ValueError):
+        params = []
+    names: list[str] = []
+
+    def walk(obj, prefix):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(obj, (tuple, list)):
+            for i, v in enumerate(obj):
+                walk(v, f"{prefix}.{i}")
+        else:
+            names.append(prefix)
+
+    for i, a in enumerate(args):
+        walk(a, params[i] if i < len(params) else f"input_{i}")
+    walk(dict(kwargs), "")
+    return [re.sub(r"[^A-Za-z0-9_.]", "_", n) for n in names]
+
+
+def _FlatInputs(model, args, kwargs):
+    return _flat_module_class()(model, args, kwargs)
 
 
 def _example_inputs(example_input: Any, batch_list: list) -> tuple[torch.Tensor, ...]:
@@ -289,13 +380,15 @@ def _run_exporter(exporter: str, model: nn.Module, inputs: tuple, tmp: Path,
 
     n = len(inputs)
     input_names = ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+    if type(model).__name__ == "FlatInputs" and len(set(model.names)) == n:
+        input_names = list(model.names)  # a structured batch: forward's names, dict keys
     with torch.no_grad():
         if exporter == EXPORTER_DYNAMO:
             batch = torch.export.Dim("batch")
             torch.onnx.export(
                 model, inputs, str(tmp), dynamo=True, external_data=False, verbose=False,
                 opset_version=opset, input_names=input_names,
-                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                dynamic_shapes=_dynamic_shapes(model, inputs, batch),
             )
         else:
             # Output names are unknown before tracing; the exporter names them itself, and
@@ -305,6 +398,12 @@ def _run_exporter(exporter: str, model: nn.Module, inputs: tuple, tmp: Path,
                 opset_version=opset, input_names=input_names,
                 dynamic_axes={k: {0: "batch"} for k in input_names},
             )
+
+
+def _dynamic_shapes(model: nn.Module, inputs: tuple, batch: Any) -> tuple:
+    """Dim 0 of every input is the batch; a FlatInputs wrapper takes them as one ``*flat``."""
+    shapes = tuple({0: batch} for _ in inputs)
+    return (shapes,) if type(model).__name__ == "FlatInputs" else shapes
 
 
 def _check_model(path: Path, name: str) -> None:
@@ -499,7 +598,7 @@ def _compare(check: ParityCheck, got: Sequence[np.ndarray], reference: list[torc
             check.error = (f"output {i}: shape {list(a.shape)} from onnxruntime, "
                            f"{list(b.shape)} from torch")
             return
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        a64, b64 = np.atleast_1d(a.astype(np.float64)), np.atleast_1d(b.astype(np.float64))
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(a64 - b64)
             both_nan = np.isnan(a64) & np.isnan(b64)

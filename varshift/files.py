@@ -17,8 +17,9 @@ Shared arguments (all keyword-only):
   state dict), ``arch_args`` (a dict, or its JSON text), ``trust`` (full unpickling; trusted
   files only). Defaults: None, None, False.
 * data options: ``batch_size`` (64, for file data), ``max_batches`` (None: all),
-  ``device`` (``"auto"``: CUDA when available, else CPU; or ``"cpu"``, ``"cuda"``, a
-  ``torch.device``).
+  ``max_samples`` (None: all; the last batch cut), ``labels`` (``"auto"``; how tuple batches
+  split), ``device`` (``"auto"``: CUDA when available, else CPU; or ``"cpu"``, ``"cuda"``,
+  ``"cuda:K"``, a ``torch.device``).
 * ``progress``: ``progress(batches_done, total_or_None)``, called while data streams.
 """
 
@@ -125,10 +126,19 @@ def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
     return load_model(model, arch=arch, arch_args=args, trust=trust)
 
 
-def _data(spec: PathLike, batch_size: int, max_batches: int | None):
+def _data(spec: PathLike, batch_size: int, max_batches: int | None,
+          max_samples: int | None = None):
     from .data import load_data
 
-    return load_data(spec, batch_size=batch_size, max_batches=max_batches)
+    return load_data(spec, batch_size=batch_size, max_batches=max_batches,
+                     max_samples=max_samples)
+
+
+def _first_batch(batches) -> Any:
+    """The first batch of DATA, whole (as the source produced it)."""
+    for batch in batches:
+        return batch.raw
+    raise VarshiftError("DATA yielded no batches")
 
 
 def _start(device: "str | torch.device | None", backend: str | None):
@@ -155,12 +165,12 @@ def _note_sharding(rep, cal, d) -> None:
         rep.notes.append(note)
 
 
-def _onnx(module, out: PathLike | None, batches) -> "ParityResult | None":
+def _onnx(module, out: PathLike | None, batches, labels: str = "auto") -> "ParityResult | None":
     if not out:
         return None
     from .export import export_onnx
 
-    return export_onnx(module, out, batches=batches)
+    return export_onnx(module, out, batches=batches, labels=labels)
 
 
 # --------------------------------------------------------------------------- commands
@@ -174,6 +184,9 @@ def scan_file(
     arch_args: dict | str | None = None,
     trust: bool = False,
     input_shape: str | tuple[int, ...] | None = None,
+    data: PathLike | None = None,
+    call: str | None = None,
+    labels: str = "auto",
     fail_on: str = "error",
     report: PathLike | None = None,
 ) -> "ScanReport":
@@ -182,6 +195,11 @@ def scan_file(
     Args:
         input_shape: an example input shape (``"1,3,224,224"``): traces models that torch.fx
             cannot (default None: fx only).
+        data: trace with the first batch of this data instead (models that need real inputs:
+            integer ids, several inputs, labels in training mode).
+        call: ``pkg.module:fn`` / ``file.py:fn`` that runs the model on a batch (with
+            ``data``): ``fn(model, batch)``.
+        labels: how tuple batches split: ``auto``, ``none`` or ``last``.
         fail_on: ``bool(report)`` is False when a finding reaches this severity (``error``,
             the default; ``warning``; ``never``).
         report: only checked here (it must not be an input and must be writable); the caller
@@ -190,12 +208,17 @@ def scan_file(
     if fail_on not in ("error", "warning", "never"):
         raise VarshiftError(f"--fail-on {fail_on!r}: choose one of error, warning, never")
     shape = parse_shape(input_shape)
-    _check_outputs((model, arch), ("--report", report))
+    if shape and data:
+        raise VarshiftError("--input-shape and --data both give the example input; pass one")
+    _check_outputs((model, arch, data, call), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     from .inputs import example_input
     from .rules import scan
 
-    rep = scan(loaded.module, example_input(loaded.module, shape) if shape else None)
+    example = example_input(loaded.module, shape) if shape else None
+    if data:
+        example = _first_batch(_data(data, 64, 1))
+    rep = scan(loaded.module, example, call=call, labels=labels)
     rep.source = str(model)
     rep.fail_on = fail_on
     rep.notes[:0] = loaded.notes
@@ -212,6 +235,9 @@ def probe_file(
     trust: bool = False,
     batch_size: int = 64,
     max_batches: int | None = None,
+    max_samples: int | None = None,
+    call: str | None = None,
+    labels: str = "auto",
     seed: int = 0,
     device: "str | torch.device | None" = "auto",
     fail_above: float = DEFAULT_THRESHOLD,
@@ -231,13 +257,13 @@ def probe_file(
     """
     check_threshold(fail_above)
     dev, d = _start(device, backend)
-    _check_outputs((model, data, arch), ("--report", report))
+    _check_outputs((model, data, arch, call), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches), d)
+    batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
     from .probing import probe
 
     rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
-                threshold=fail_above)
+                threshold=fail_above, call=call, labels=labels)
     rep.source = str(model)
     rep.notes[:0] = loaded.notes
     _note_sharding(rep, batches, d)
@@ -255,11 +281,16 @@ def recalibrate_file(
     all_norms: bool = False,
     eval_data: PathLike | None = None,
     onnx: PathLike | None = None,
+    include_frozen: bool = False,
     arch: str | None = None,
     arch_args: dict | str | None = None,
     trust: bool = False,
     batch_size: int = 64,
     max_batches: int | None = None,
+    max_samples: int | None = None,
+    call: str | None = None,
+    labels: str = "auto",
+    output_key: str | None = None,
     device: "str | torch.device | None" = "auto",
     fail_above: float = DEFAULT_THRESHOLD,
     max_accuracy_drop: float | None = None,
@@ -282,6 +313,10 @@ def recalibrate_file(
         eval_data: held-out labelled data for accuracy and NLL before/after (default: none,
             metrics are then on the calibration data).
         onnx: also export the result there and check parity in onnxruntime.
+        include_frozen: also recalibrate frozen norms (``FrozenBatchNorm2d``, ``momentum=0``).
+        call, labels: how the model is called on a batch (see :func:`probe_file`).
+        output_key: the output that holds the logits for the metrics (default: ``logits``,
+            else the first tensor).
         fail_above: ``bool(report)`` is False when a recalibrated layer's shift afterwards
             reaches it (default 1.1).
         max_accuracy_drop: ``bool(report)`` is False when accuracy falls by more than this
@@ -294,18 +329,19 @@ def recalibrate_file(
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
     dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch, call), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches), d)
+    batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
     held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
     from .recalib import recalibrate
     from .saving import norm_buffer_keys, save_like
 
     fixed, rep = recalibrate(
         loaded.module.to(dev), batches, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
-        inplace=True,
-        eval_batches=held_out, device=dev, progress=progress, threshold=fail_above,
+        inplace=True, eval_batches=held_out, device=dev, progress=progress,
+        threshold=fail_above, call=call, labels=labels, output_key=output_key,
+        include_frozen=include_frozen,
     )
     rep.max_accuracy_drop = max_accuracy_drop
     fixed = fixed.cpu()
@@ -316,7 +352,7 @@ def recalibrate_file(
         changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
         save_like(loaded, fixed, output, changed)
         rep.output = str(output)
-        rep.onnx = _onnx(fixed, onnx, batches)
+        rep.onnx = _onnx(fixed, onnx, batches, labels)
     return rep
 
 
@@ -339,6 +375,10 @@ def swap_file(
     trust: bool = False,
     batch_size: int = 64,
     max_batches: int | None = None,
+    max_samples: int | None = None,
+    call: str | None = None,
+    labels: str = "auto",
+    output_key: str | None = None,
     device: "str | torch.device | None" = "auto",
     report: PathLike | None = None,
     progress: Progress | None = None,
@@ -357,19 +397,20 @@ def swap_file(
             ``input_shape`` for the inputs it checks).
         input_shape: an example input shape for tracing (and for the ONNX check).
         seed: seeds the random example input built from ``input_shape`` (default 0).
+        call, labels, output_key: see :func:`recalibrate_file`.
         report: only checked here (see :func:`scan_file`).
         backend: under torchrun (see :func:`recalibrate_file`).
     """
     shape = parse_shape(input_shape)
     dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data, arch), ("--output", output), ("--onnx", onnx),
+    _check_outputs((model, data, eval_data, arch, call), ("--output", output), ("--onnx", onnx),
                    ("--report", report))
     if eval_data and not data:
         raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
     if onnx and not (data or shape):
         raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
     loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches) if data else None, d)
+    batches = _shard(_data(data, batch_size, max_batches, max_samples) if data else None, d)
     held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
     from ._io import write_with
     from .inputs import example_input
@@ -381,18 +422,17 @@ def swap_file(
 
         check_example(loaded.module, example)  # swap's fx trace would not run it
     if example is None and batches is not None:
-        from .inputs import input_preparer
-
-        # cast as every command casts its batches (integer images -> the model's dtype)
-        example = input_preparer(loaded.module)(next(iter(batches))[0][:1])
-    swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example)
+        # the whole first batch: the calling convention casts it as every command does
+        example = _first_batch(batches)
+    swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example,
+                        call=call, labels=labels)
     if batches is not None:
         from .recalib import recalibrate
 
         swapped, rep.recalibration = recalibrate(
             swapped.to(dev), batches, exact=exact, cache_mb=cache_mb, inplace=True,
-            eval_batches=held_out,
-            device=dev, progress=progress,
+            eval_batches=held_out, device=dev, progress=progress, call=call, labels=labels,
+            output_key=output_key,
         )
         swapped = swapped.cpu()
     import torch
@@ -413,7 +453,7 @@ def swap_file(
     if rep.graph_module or loaded.form != "module":
         rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
     if d.is_main:
-        rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example])
+        rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example], labels)
     return rep
 
 
@@ -432,6 +472,8 @@ def export_file(
     trust: bool = False,
     batch_size: int = 64,
     max_batches: int | None = None,
+    max_samples: int | None = None,
+    labels: str = "auto",
     report: PathLike | None = None,
 ) -> "ParityResult":
     """Export the model in file ``model`` to ONNX at ``output`` and check parity in
@@ -442,6 +484,7 @@ def export_file(
         input_shape: the shape of a random example input when there is no ``data``.
         seed: seeds that random example input (default 0).
         atol, rtol: the parity tolerance (defaults 1e-4, 1e-3).
+        labels: how tuple batches split (``auto``, ``none``, ``last``).
         report: only checked here (see :func:`scan_file`).
     """
     shape = parse_shape(input_shape)
@@ -452,11 +495,12 @@ def export_file(
         raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     _check_outputs((model, data, arch), ("--output", output), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches) if data else None
+    batches = _data(data, batch_size, max_batches, max_samples) if data else None
     from .export import export_onnx
     from .inputs import example_input
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
-    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol)
+    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol,
+                      labels=labels)
     rep.source = str(model)
     return rep

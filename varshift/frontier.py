@@ -282,7 +282,7 @@ class _Slots:
 def run(
     p: FrontierPlan,
     batches: Iterable[Any],
-    prepare: Callable[[torch.Tensor], torch.Tensor],
+    prepare: Callable[[Any], torch.Tensor],
     write: Callable[[str, ChannelMoments, int], None],
     cache_mb: float,
     device: torch.device,
@@ -356,7 +356,7 @@ def run(
             for b, batch in source:
                 if k == 0:
                     assert batch is not None
-                    x = prepare(batch[0])
+                    x = prepare(batch)
                     if x.untyped_storage().nbytes() > x.numel() * x.element_size():
                         # A slice of a larger tensor (a dataset): keeping (or spilling) it
                         # would keep (or write) all of that tensor.

@@ -26,10 +26,13 @@ import torch.nn as nn
 
 from . import kinds, sources
 from ._torch_utils import fork_rng, preserved_modes, removing
-from .errors import TraceError, one_line
+from .errors import TraceError, VarshiftError, one_line
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
 REGULARIZER, NORM = "regularizer", "norm"
+#: a BatchNorm without running statistics (track_running_stats=False): batch statistics at
+#: inference, a finding of its own
+BATCH_STATS_NORM = "batch_stats_norm"
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Op:
     role: str | None = None
     reg: kinds.RegularizerInfo | None = None
     inputs: tuple[int, ...] = ()
+    #: number arguments of a functional call (read for a stochastic op's keep probability)
+    consts: tuple[float, ...] = ()
+    #: where the op is called and where its module was created (``SourceLocation``s), kept
+    #: for regularizers, norms and the random and mixing ops a stochastic one may be
     source: Any = None
     defined_at: Any = None
 
@@ -70,6 +77,8 @@ class DataflowGraph:
     #: functional regularizers that are active with the model in eval mode (inference random)
     always_on: list[Op] = field(default_factory=list)
     module_types: dict[str, str] = field(default_factory=dict)
+    #: random draws that never reach the data path (``owner:op`` names)
+    idle_random: list[str] = field(default_factory=list)
 
     @functools.cached_property
     def _users(self) -> dict[int, list[int]]:
@@ -124,6 +133,8 @@ def _role(module: nn.Module) -> tuple[str | None, kinds.RegularizerInfo | None]:
         return REGULARIZER, reg
     if kinds.is_norm(module):
         return NORM, None
+    if kinds.is_batch_stats_norm(module):
+        return BATCH_STATS_NORM, None
     return None, None
 
 
@@ -173,7 +184,7 @@ def _nested_regularizers(module: nn.Module) -> list[tuple[str, str, kinds.Regula
         attr = kinds.ATTRIBUTE_REGULARIZERS.get(type(sub).__name__)
         if attr is not None:
             p = getattr(sub, attr[0], None)
-            if isinstance(p, (int, float)):
+            if isinstance(p, (int, float)) and kinds.attribute_applies(sub):
                 out.append((f"{prefix}:{attr[0]}", type(sub).__name__, kinds.RegularizerInfo(
                     attr[1], float(p), None)))
     return out
@@ -227,8 +238,12 @@ class _Builder:
         role = REGULARIZER if reg is not None else None
         qual = self.namer(owner, name) if reg is not None else f"{owner}:{name}"
         op = self.add(qual, FUNCTION, name, role, reg, inputs)
-        if role is not None:
+        if role is not None or name in kinds.RANDOM_OPS:
             op.source = source() if callable(source) else source
+        elif name in kinds.MIXING_OPS and not callable(source):
+            op.source = source  # already read (fx); the dynamic trace reads it when it must
+        if name in kinds.RANDOM_OPS or name in kinds.MIXING_OPS or name in _KEEP_READERS:
+            op.consts = _numbers((*args, *kwargs.values()))
         return op
 
     def graph(self, traced_with: str) -> DataflowGraph:
@@ -255,6 +270,10 @@ class _LeafTracer(torch.fx.Tracer):
             node.meta[_SOURCE_KEY] = sources.caller_location(_FX_TRACE_CODE)
         return node
 
+class RandomAtTraceTime(Exception):
+    """fx ran a random draw for real while tracing (``if torch.rand(1) < p:``, a draw with no
+    traced argument): the graph would bake in one outcome."""
+
 
 _SOURCE_KEY = "varshift_source"
 _FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
@@ -263,12 +282,19 @@ _FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
 def _fx_trace(
     model: nn.Module, training: bool, record_sources: bool = False
 ) -> tuple[nn.Module, torch.fx.Graph]:
-    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises.
-    ``record_sources`` keeps each call's source line in ``node.meta``."""
-    with preserved_modes(model):
+    """Trace in train (or eval) mode, restoring the modes: (root, graph). Raises what fx raises,
+    and RandomAtTraceTime when tracing drew random numbers. ``record_sources`` keeps each
+    call's source line in ``node.meta``."""
+    with preserved_modes(model), fork_rng(torch.device("cpu")):
         model.train(training)
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
         tracer = _LeafTracer(record_sources)
         graph = tracer.trace(model)
+        if not torch.equal(state, torch.get_rng_state()):
+            raise RandomAtTraceTime(
+                "random numbers drawn while tracing (random control flow, or a draw that "
+                "does not depend on the input)")
     return tracer.root, graph
 
 
@@ -361,12 +387,144 @@ def fx_owner(node: torch.fx.Node) -> str:
 def fx_graph(model: nn.Module) -> DataflowGraph:
     """Trace ``model`` with torch.fx (train-mode structure). Raises if fx cannot trace it."""
     graph = _fx_to_dataflow(*_fx_trace(model, training=True, record_sources=True))
+    random = _has_random(graph)
     # Functional dropout that stays on at inference shows in an eval-mode trace. Only a model
-    # with functional regularizers in train mode needs it (as in the dynamic trace).
-    if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+    # with functional regularizers (or random draws) in train mode needs it.
+    eval_graph = None
+    if random or any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
         eval_graph = _fx_to_dataflow(*_fx_trace(model, training=False, record_sources=True))
         graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+    if random:
+        mark_stochastic(graph, eval_graph)
     return graph
+
+
+# --------------------------------------------------------------------------- stochastic ops
+
+
+#: Ops whose number argument can say the keep probability of a random mask.
+_KEEP_READERS = frozenset({"floor", "floor_", "lt", "__lt__", "le", "__le__", "gt", "__gt__",
+                           "ge", "__ge__", "add", "__add__", "__radd__", "add_"})
+
+
+def _numbers(values: Iterable[Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values
+                 if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _has_random(graph: DataflowGraph) -> bool:
+    return any(op.kind == FUNCTION and op.target in kinds.RANDOM_OPS for op in graph.ops)
+
+
+def _where(op: Op) -> str:
+    """``file.py:12 in drop_connect`` for an op's call site ("" when unknown)."""
+    src = op.source
+    if src is None:
+        return ""
+    import os
+
+    return f"{os.path.basename(src.file)}:{src.line}" + (f" in {src.function}" if src.function else "")
+
+
+def _random_closure(graph: DataflowGraph) -> tuple[set[int], set[int]]:
+    """(random-only ops, data ops): a random draw and what is computed from random draws and
+    constants alone; and everything the model's inputs, parameters or modules flow into."""
+    random_only: set[int] = set()
+    data: set[int] = set()
+    for op in graph.ops:
+        if op.kind == INPUT or op.kind == MODULE or op.role is not None:
+            data.add(op.index)
+            continue
+        ins = set(op.inputs)
+        if op.kind == FUNCTION and op.target in kinds.RANDOM_OPS and not (ins & data):
+            random_only.add(op.index)
+        elif ins & data:
+            data.add(op.index)
+        elif ins and ins <= random_only:
+            random_only.add(op.index)
+    return random_only, data
+
+
+def _keep_probability(graph: DataflowGraph, start: int, random_only: set[int]) -> float | None:
+    """The keep probability a random mask encodes, read from its construction: ``floor(keep +
+    rand)``, ``rand < keep``, ``rand >= p``, ``bernoulli_(keep)``; None when it cannot tell."""
+    stack, seen = [start], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        op = graph.ops[i]
+        c = next((v for v in op.consts if 0 < v < 1), None)
+        if c is not None:
+            if op.target in ("bernoulli", "bernoulli_", "lt", "__lt__", "le", "__le__") or (
+                    op.target in ("add", "__add__", "__radd__", "add_")):
+                return c
+            if op.target in ("gt", "__gt__", "ge", "__ge__"):
+                return 1 - c
+        stack.extend(j for j in op.inputs if j in random_only)
+    return None
+
+
+def _stochastic_candidates(graph: DataflowGraph) -> dict[str, Op]:
+    random_only, data = _random_closure(graph)
+    found: dict[str, Op] = {}
+    for op in graph.ops:
+        if op.kind != FUNCTION or op.role is not None or op.target not in kinds.MIXING_OPS:
+            continue
+        rnd = [i for i in op.inputs if i in random_only]
+        if rnd and any(i in data for i in op.inputs):
+            found[op.name] = op
+            keep = next((k for k in (_keep_probability(graph, i, random_only) for i in rnd)
+                         if k is not None), None)
+            op.reg = kinds.RegularizerInfo(kinds.STOCHASTIC, None if keep is None else 1 - keep,
+                                           None)
+    mixed = {i for op in found.values() for i in op.inputs}
+    graph.idle_random = sorted({
+        op.name for op in graph.ops
+        if op.kind == FUNCTION and op.target in kinds.RANDOM_OPS
+        and not _reaches_any(graph, op.index, mixed | {o.index for o in found.values()})})
+    return found
+
+
+def _reaches_any(graph: DataflowGraph, start: int, targets: set[int]) -> bool:
+    users = graph.users()
+    stack, seen = [start], set()
+    while stack:
+        i = stack.pop()
+        if i in targets:
+            return True
+        if i in seen:
+            continue
+        seen.add(i)
+        stack.extend(users.get(i, ()))
+    return False
+
+
+def mark_stochastic(graph: DataflowGraph, eval_graph: DataflowGraph | None) -> None:
+    """Make regularizers of kind ``stochastic`` of the ops where a random draw meets the data
+    path (multiplies, masks or shifts it), when that happens in training only; the same op in
+    the eval-mode graph too (noise at inference) goes to ``always_on``."""
+    found = _stochastic_candidates(graph)
+    at_eval = _stochastic_candidates(eval_graph) if eval_graph is not None else {}
+    for ops, training in ((found, None), (at_eval, True)):
+        namer = Namer()
+        for op in ops.values():
+            op.role = REGULARIZER
+            op.reg = kinds.RegularizerInfo(kinds.STOCHASTIC, op.reg.p if op.reg else None, training)
+            op.name = namer(op.name.split(":", 1)[0], _function_of(op))
+            if op.source is not None:
+                op.target = f"{op.target} at {_where(op)}"
+    graph.always_on += list(at_eval.values())
+
+
+def _function_of(op: Op) -> str:
+    """A stochastic op is named after the Python function that computes it (``drop_connect``),
+    or after the op when that is a ``forward``."""
+    fn = op.source.function if op.source is not None else None
+    if fn and fn not in ("forward", "<module>", "<lambda>"):
+        return fn
+    return op.target
 
 
 def _fires_in_eval(op: Op) -> bool:
@@ -390,6 +548,10 @@ class _Recorder(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.t.leaf_depth == 0 and _dyn_name(func) in kinds.CONTROL_OPS \
+                and self.t.random_decision(args) and self.t.force is not None \
+                and _dyn_name(func) == "__bool__":
+            return self.t.force  # see dynamic_graph: both ways, to see every layer
         out = func(*args, **kwargs)
         if self.t.leaf_depth == 0:
             self.t.record_call(func, args, kwargs, out)
@@ -410,6 +572,46 @@ class _DynamicTracer:
         self.keep: list[torch.Tensor] = []  # keeps ids unique while tracing
         self.leaf_depth = 0
         self.stack: list[str] = []
+        # random control flow (LayerDrop): which ops are random draws or computed from them
+        # alone, which carry data, and per owner module the regularizer its decision makes
+        self.rand: set[int] = set()
+        self.data: set[int] = set()
+        self.flows: dict[str, list] = {}  # owner -> [regularizer op, armed]
+        self.force: bool | None = None
+        self.flow_seen = False
+
+    def random_decision(self, args: Any) -> bool:
+        """A Python decision on a random-only value (``if torch.rand(1) < p:``): the owner
+        module's later ops depend on it. Returns whether it is one."""
+        producers = set(self._producers(args))
+        if not producers or not producers <= self.rand:
+            return False
+        self.flow_seen = True
+        owner = self.stack[-1] if self.stack else ""
+        if owner not in self.flows:
+            op = self.b.add(f"{owner}:random_control_flow", FUNCTION, "random control flow",
+                            REGULARIZER, kinds.RegularizerInfo(kinds.STOCHASTIC, None, None))
+            op.source = sources.caller_location(_RUN_CODE)
+            self.flows[owner] = [op, False]
+        return True
+
+    def _with_flows(self, inputs: list[int]) -> list[int]:
+        """Data that is computed after a random decision (once a module call has completed
+        since, so the first layer's own input does not count) depends on it."""
+        if not self.flows or not set(inputs) & self.data:
+            return inputs
+        extra = [op.index for owner, (op, armed) in self.flows.items()
+                 if armed and (owner == "" or owner in self.stack)]
+        return [*inputs, *extra]
+
+    def _classify(self, op: Op, random_source: bool) -> None:
+        ins = set(op.inputs)
+        if random_source and not ins & self.data:
+            self.rand.add(op.index)
+        elif ins & self.data or op.kind == MODULE:
+            self.data.add(op.index)
+        elif ins and ins <= self.rand:
+            self.rand.add(op.index)
 
     def _tensors(self, obj: Any) -> list[torch.Tensor]:
         leaves, _ = torch.utils._pytree.tree_flatten(obj)
@@ -431,8 +633,14 @@ class _DynamicTracer:
         if not self._tensors(out) and name not in ("__setitem__",) and not name.endswith("_"):
             return  # shape arithmetic and the like: nothing flows on
         owner = self.stack[-1] if self.stack else ""
-        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs), inputs,
+        op = self.b.add_function_call(owner, func, tuple(args), dict(kwargs),
+                                      self._with_flows(inputs),
                                       lambda: sources.caller_location(_RUN_CODE))
+        self._classify(op, name in kinds.RANDOM_OPS)
+        ins = set(op.inputs)
+        if op.source is None and name in kinds.MIXING_OPS and ins & self.rand and ins & self.data:
+            # where a stochastic op may be (random draw times data): only there, tracebacks cost
+            op.source = sources.caller_location(_RUN_CODE)
         self._set_outputs(out, op)
         if kinds.is_inplace(func, args, kwargs) and args and isinstance(args[0], torch.Tensor):
             self._set_outputs(args[0], op)
@@ -460,15 +668,25 @@ class _DynamicTracer:
                     inputs = self._pending_inputs.pop()
                     # the hook runs inside the module's __call__: the caller's frame is above
                     where = sources.caller_location(_RUN_CODE) if _keeps_source(module) else None
-                    op = self.b.add_module_call(name, module, inputs, where)
+                    first = len(self.b.ops)
+                    op = self.b.add_module_call(name, module, self._with_flows(inputs), where)
+                    self.data.update(range(first, len(self.b.ops)))
                     self._set_outputs(output, op)
+            if self.flows:
+                self.flows.pop(name, None)  # its decisions end with it
+                # a module called by the deciding one has completed: what comes next is
+                # computed from a value the decision could have skipped
+                caller = self.stack[-1] if self.stack else ""
+                if caller in self.flows:
+                    self.flows[caller][1] = True
 
         return hook
 
-    def run(self, model: nn.Module, example: torch.Tensor) -> DataflowGraph:
+    def run(self, model: nn.Module, example: Any) -> DataflowGraph:
         self._pending_inputs: list[list[int]] = []
         inp = self.b.add("input", INPUT, "input")
-        self._set_outputs(example, inp)
+        self.data.add(inp.index)
+        self._set_outputs(_example_tensors(example), inp)
         handles: list = []
         with removing(handles):
             for name, module in model.named_modules():
@@ -482,7 +700,7 @@ class _DynamicTracer:
                     module.register_forward_hook(self.post_hook(name, leaf), with_kwargs=True)
                 )
             with _Recorder(self):
-                out = model(example)
+                out = _run_example(model, example)
         self.b.add("output", OUTPUT, "output", inputs=self._producers(out))
         return self.b.graph("dynamic")
 
@@ -495,33 +713,91 @@ def _keeps_source(module: nn.Module) -> bool:
     return _role(module)[0] is not None or bool(_nested_regularizers(module))
 
 
-def _run_dynamic(model: nn.Module, example: torch.Tensor, training: bool) -> DataflowGraph:
-    with preserved_modes(model), torch.no_grad(), fork_rng(example.device):
+def _example_tensors(example: Any) -> Any:
+    """The tensors of an example: a tensor, or an Invocation's inputs (varshift.calling)."""
+    return example.inputs() if hasattr(example, "inputs") else example
+
+
+def _run_example(model: nn.Module, example: Any) -> Any:
+    return example.run(model) if hasattr(example, "run") else model(example)
+
+
+def _example_device(example: Any) -> torch.device:
+    from .calling import tensors
+
+    found = tensors(_example_tensors(example))
+    return found[0].device if found else torch.device("cpu")
+
+
+def _run_dynamic(model: nn.Module, example: Any, training: bool,
+                 force: bool | None = None) -> DataflowGraph:
+    return _trace_dynamic(model, example, training, force)[0]
+
+
+def _trace_dynamic(model: nn.Module, example: Any, training: bool,
+                   force: bool | None = None) -> tuple[DataflowGraph, bool]:
+    """One recorded run: (graph, whether a random decision steered Python control flow)."""
+    with preserved_modes(model), torch.no_grad(), fork_rng(_example_device(example)):
+        torch.manual_seed(0)  # the same trace on every run, random draws and all
         model.train(training)
         for m in model.modules():
             if kinds.is_norm(m):
                 m.eval()  # running statistics stay untouched; batch size 1 works
-        return _DynamicTracer(model).run(model, example)
+        tracer = _DynamicTracer(model)
+        tracer.force = force
+        graph = tracer.run(model, example)
+        return graph, tracer.flow_seen
 
 
-def dynamic_graph(model: nn.Module, example: torch.Tensor) -> DataflowGraph:
-    """Trace ``model`` by running it once on ``example``.
+def _train_graph(model: nn.Module, example: Any) -> DataflowGraph:
+    """The train-mode recorded graph. With random control flow (LayerDrop), one run may skip
+    layers by chance: run with every random decision forced each way and keep the run that
+    saw more, so the scan is the same on every run and sees every layer."""
+    graph, flow = _trace_dynamic(model, example, True)
+    if not flow:
+        return graph
+    runs = [_trace_dynamic(model, example, True, force)[0] for force in (False, True)]
+    return max(runs, key=lambda g: len(g.ops))
+
+
+def dynamic_graph(model: nn.Module, example: Any) -> DataflowGraph:
+    """Trace ``model`` by running it once on ``example`` (a tensor, or an Invocation from
+    :mod:`varshift.calling` for other batches and ``--call``).
 
     Raises:
         TraceError: the model does not run on ``example``.
     """
     try:
-        graph = _run_dynamic(model, example, training=True)
-        if any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
+        graph = _train_graph(model, example)
+        random = _has_random(graph)
+        if random or any(op.kind == FUNCTION and op.role == REGULARIZER for op in graph.ops):
             eval_graph = _run_dynamic(model, example, training=False)
             graph.always_on = [op for op in eval_graph.ops if _fires_in_eval(op)]
+            graph.always_on += [op for op in eval_graph.ops
+                                if op.target == "random control flow"]
+            if random:
+                mark_stochastic(graph, eval_graph)
+    except VarshiftError:
+        raise
     except Exception as exc:  # the user's model raised on the example input
-        shape = tuple(example.shape)
+        from .calling import describe
+
+        what = (f"an example input of shape {tuple(example.shape)}"
+                if isinstance(example, torch.Tensor) else f"the batch {describe(example)}")
         raise TraceError(
-            f"the model does not run on an example input of shape {shape}: "
-            f"{type(exc).__name__}: {one_line(exc)}"
+            f"the model does not run on {what}: {type(exc).__name__}: {one_line(exc)}"
         ) from exc
     return graph
+
+
+def _single_layer_graph(model: nn.Module) -> DataflowGraph:
+    """The graph of a model that *is* a norm or a regularizer (a bare ``nn.BatchNorm2d``):
+    fx would trace into its forward and see only ``F.batch_norm``."""
+    b = _Builder(model)
+    inp = b.add("input", INPUT, "input")
+    op = b.add_module_call("", model, [inp.index])
+    b.add("output", OUTPUT, "output", inputs=[op.index])
+    return b.graph("fx")
 
 
 def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> DataflowGraph:
@@ -531,13 +807,20 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Datafl
         TraceError: fx cannot trace the model and no ``example_input`` was given (the message
             names ``--input-shape``), or the model does not run on ``example_input``.
     """
+    if _role(model)[0] is not None:
+        return _single_layer_graph(model)
     try:
         return fx_graph(model)
     except Exception as fx_exc:  # fx raises many types for untraceable Python
         if example_input is None:
+            from .inputs import shape_hint
+
+            hint = shape_hint(model)
+            how = (f"pass --input-shape (for example --input-shape {hint}) or --data"
+                   if hint else "pass --data (its first batch)")
             raise TraceError(
                 f"torch.fx cannot trace {type(model).__name__} ({type(fx_exc).__name__}: "
-                f"{one_line(fx_exc)}); pass --input-shape (for example --input-shape "
-                "1,3,224,224) so varshift can trace it by running it once on an example input"
+                f"{one_line(fx_exc)}); {how} so varshift can trace it by running it once "
+                "on an example input"
             ) from fx_exc
     return dynamic_graph(model, example_input)

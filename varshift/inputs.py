@@ -38,17 +38,54 @@ def expected_input(model: nn.Module) -> str | None:
     return None
 
 
-def fit_error(model: nn.Module, x: torch.Tensor, exc: BaseException, where: str = "DATA"):
-    """A one-line DataError for inputs that do not fit ``model``."""
+#: Example sizes for the spatial dimensions of a hint, by the first layer's rank.
+_HINT_SPATIAL = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def shape_hint(model: nn.Module) -> str | None:
+    """An ``--input-shape`` for the model, from its first weighted layer: ``1,22,256`` for an
+    EEG net whose first layer is ``Conv1d(22, ...)``, ``1,3,224,224`` for an image net; None
+    when the model takes something a shape cannot describe (token ids, several inputs)."""
+    from .calling import forward_signature
+
+    sig = forward_signature(model)
+    if sig is not None and sig.required > 1:
+        return None
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = _HINT_SPATIAL.get(len(m.kernel_size), ())
+            return ",".join(map(str, (1, m.in_channels, *dims)))
+        if isinstance(m, nn.Linear):
+            return f"1,{m.in_features}"
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            return None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and int(getattr(m, "num_features", 0)):
+            dims = {nn.BatchNorm2d: (224, 224), nn.BatchNorm3d: (16, 112, 112)}.get(type(m), ())
+            return ",".join(map(str, (1, m.num_features, *dims)))
+    return None
+
+
+def fit_error(model: nn.Module, x, exc: BaseException, where: str = "DATA"):
+    """A one-line DataError for inputs (a tensor or an Invocation) that do not fit ``model``."""
     from .errors import DataError, one_line
 
     detail = one_line(exc, 240)
     expected = expected_input(model)
     hint = f"; {expected}" if expected else ""
     return DataError(
-        f"{where} does not fit the model: inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
-        f"{hint} ({type(exc).__name__}: {detail})"
+        f"{where} does not fit the model: {_what(x)}{hint} ({type(exc).__name__}: {detail})"
     )
+
+
+def _what(x) -> str:
+    from .calling import Invocation, describe
+
+    if isinstance(x, Invocation) and x.call is None and len(x.args) == 1 and not x.kwargs \
+            and isinstance(x.args[0], torch.Tensor):
+        x = x.args[0]
+    if isinstance(x, torch.Tensor):
+        return f"inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
+    return f"inputs {describe(x)}"
 
 
 def input_preparer(model: nn.Module, device: torch.device | None = None):

@@ -18,6 +18,10 @@ ALPHA_DROPOUT = "alpha_dropout"
 DROP_PATH = "drop_path"
 DROPBLOCK = "dropblock"
 UOUT = "uout"
+#: found by what it does, not by name: a value drawn at random only in training that
+#: multiplies, masks or shifts the data path (inline drop-path / drop-connect), or random
+#: control flow in training (LayerDrop)
+STOCHASTIC = "stochastic"
 
 #: Module class name -> (kind, attribute that holds the drop probability / noise width).
 REGULARIZER_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -36,10 +40,40 @@ REGULARIZER_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 #: torch layers that apply dropout internally through an attribute rather than a submodule:
-#: class name -> (attribute holding p, kind). Seen as ``<layer>:dropout``.
+#: class name -> (attribute holding p, kind). Seen as ``<layer>:dropout``. (RNNs apply it
+#: between stacked layers, in training only.)
 ATTRIBUTE_REGULARIZERS: dict[str, tuple[str, str]] = {
     "MultiheadAttention": ("dropout", DROPOUT),
+    "LSTM": ("dropout", DROPOUT),
+    "GRU": ("dropout", DROPOUT),
+    "RNN": ("dropout", DROPOUT),
 }
+
+def attribute_applies(module: Any) -> bool:
+    """Whether a layer's dropout argument acts at all: an RNN applies it only between stacked
+    layers (torch ignores it, with a warning, for ``num_layers=1``)."""
+    if type(module).__name__ in ("LSTM", "GRU", "RNN"):
+        return getattr(module, "num_layers", 1) > 1
+    return True
+
+
+#: Ops that draw random numbers (sources of a ``stochastic`` regularizer).
+RANDOM_OPS = frozenset({
+    "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm",
+    "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "uniform_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "random_", "poisson",
+})
+
+#: Ops through which a random value scales, masks or shifts the data path.
+MIXING_OPS = frozenset({
+    "mul", "mul_", "__mul__", "__rmul__", "imul", "__imul__", "div", "div_", "truediv",
+    "__truediv__", "__rtruediv__", "itruediv", "__itruediv__", "where", "masked_fill",
+    "masked_fill_", "add", "add_", "__add__", "__radd__", "iadd", "__iadd__", "sub", "sub_",
+    "__sub__", "__rsub__", "addcmul", "addcmul_",
+})
+
+#: Ops whose Python truth value decides control flow (``if torch.rand(1) < p:``).
+CONTROL_OPS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__"})
 
 #: Function name -> (kind, parameter names for p, parameter names for the training flag).
 #: Covers torch.nn.functional, the torch.* ATen bindings, torchvision.ops.stochastic_depth,
@@ -60,6 +94,18 @@ REGULARIZER_FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] =
     "drop_path": (DROP_PATH, ("drop_prob", "p"), ("training",)),
     "drop_block_2d": (DROPBLOCK, ("drop_prob",), ()),
     "drop_block_fast_2d": (DROPBLOCK, ("drop_prob",), ()),
+    # attention with its own dropout: no training flag, callers pass dropout_p=0.0 in eval
+    "scaled_dot_product_attention": (DROPOUT, ("dropout_p",), ()),
+}
+
+#: Functions whose dropout is one argument of a larger op (not ``x -> dropout(x)``): swap
+#: cannot replace them with Uout. Function name -> the argument that holds p.
+ARGUMENT_REGULARIZERS = {"scaled_dot_product_attention": "dropout_p"}
+
+#: Positional layout of functions whose signatures ``inspect`` cannot read, beyond the
+#: dropout ATen bindings.
+_POSITIONAL = {
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p"),
 }
 
 #: Positional layout of the ATen bindings, whose signatures ``inspect`` cannot read:
@@ -126,20 +172,40 @@ def class_names(obj_type: type) -> list[str]:
 
 
 def regularizer_of_module(module: Any) -> RegularizerInfo | None:
-    """Recognize a regularizer module by its class name (or a base's); None if it is not one."""
-    for name in class_names(type(module)):
+    """Recognize a regularizer module by its class name (or a base's), also by suffix
+    (``SomethingDropPath``, ``MyDropout``); None if it is not one."""
+    names = class_names(type(module))
+    for name in names:
         if name in REGULARIZER_CLASSES:
-            kind, attrs = REGULARIZER_CLASSES[name]
-            p = _first_number(module, attrs)
-            return RegularizerInfo(kind=kind, p=p, training=None)
+            return _regularizer_info(module, name)
+    # by suffix only for a layer without submodules: a model class called "SharedDropout"
+    # is a container, not a regularizer
+    if next(iter(getattr(module, "_modules", {}) or {}), None) is None:
+        for name in names:
+            key = _suffix_match(name)
+            if key is not None:
+                return _regularizer_info(module, key)
     return None
+
+
+def _regularizer_info(module: Any, key: str) -> RegularizerInfo:
+    kind, attrs = REGULARIZER_CLASSES[key]
+    return RegularizerInfo(kind=kind, p=_first_number(module, attrs), training=None)
+
+
+def _suffix_match(name: str) -> str | None:
+    """The longest known class name that ``name`` ends with (not equal to it)."""
+    keys = sorted((k for k in REGULARIZER_CLASSES if name.endswith(k) and name != k),
+                  key=len, reverse=True)
+    return keys[0] if keys else None
 
 
 def is_norm(module: Any) -> bool:
     """True for a norm that normalizes with stored running statistics at inference.
 
     BatchNorm-family layers (torch's ``_BatchNorm`` and any subclass, SyncBatchNorm, lazy
-    variants, third-party ``*BatchNorm*d`` classes by name) that track running statistics.
+    variants, third-party ``*BatchNorm*d`` classes by name, also frozen ones such as
+    torchvision's ``FrozenBatchNorm2d``) that hold running statistics.
     LayerNorm, GroupNorm, RMSNorm and InstanceNorm are never norms in this sense.
     """
     import torch.nn as nn
@@ -147,9 +213,37 @@ def is_norm(module: Any) -> bool:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return bool(module.track_running_stats) and getattr(module, "running_var", None) is not None
     names = class_names(type(module))
-    if any(n in NORM_CLASS_NAMES for n in names) and not any("Frozen" in n for n in names):
+    if any(n in NORM_CLASS_NAMES or _frozen_name(n) for n in names):
         return getattr(module, "running_var", None) is not None
     return False
+
+
+#: Class names of BatchNorms whose statistics training never updates (torchvision's
+#: ``FrozenBatchNorm2d``, detectron2's ``FrozenBatchNorm2d``, ...), matched by name.
+FROZEN_NORM_MARK = "Frozen"
+
+
+def _frozen_name(name: str) -> bool:
+    return FROZEN_NORM_MARK in name and "BatchNorm" in name
+
+
+def is_frozen_norm(module: Any) -> bool:
+    """A norm whose running statistics training never updates: a ``Frozen*BatchNorm*`` class
+    (no train-mode behaviour at all), or a BatchNorm with ``momentum=0``."""
+    if not is_norm(module):
+        return False
+    if any(_frozen_name(n) for n in class_names(type(module))):
+        return True
+    return getattr(module, "momentum", None) == 0
+
+
+def is_batch_stats_norm(module: Any) -> bool:
+    """A BatchNorm without running statistics (``track_running_stats=False``): it normalizes
+    with the statistics of each batch at inference too."""
+    import torch.nn as nn
+
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        not module.track_running_stats or getattr(module, "running_var", None) is None)
 
 
 def function_name(fn: Any) -> str:
@@ -165,7 +259,7 @@ def regularizer_of_call(fn: Any, args: tuple, kwargs: dict) -> RegularizerInfo |
     if name not in REGULARIZER_FUNCTIONS:
         return None
     kind, p_names, train_names = REGULARIZER_FUNCTIONS[name]
-    bound = _bind(fn, args, kwargs)
+    bound = _bind(fn, args, kwargs, _POSITIONAL.get(name, _ATEN_POSITIONAL))
     p = next((bound[n] for n in p_names if n in bound), None)
     training: Any = next((bound[n] for n in train_names if n in bound), None)
     if not train_names:
@@ -203,6 +297,8 @@ def predicted_shift(kind: str, p: float | None) -> float | None:
     """
     if p is None:
         return None
+    if kind == STOCHASTIC and not 0 <= p < 1:
+        return None
     if kind == UOUT:
         return 1.0 + p * p / 3.0
     if kind == ALPHA_DROPOUT:
@@ -222,7 +318,8 @@ def _first_number(obj: Any, attrs: tuple[str, ...]) -> float | None:
     return None
 
 
-def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _bind(fn: Callable, args: tuple, kwargs: dict,
+          positional: tuple[str, ...] = _ATEN_POSITIONAL) -> dict[str, Any]:
     """Map a call's arguments to parameter names, defaults included."""
     try:
         sig = inspect.signature(fn)
@@ -230,6 +327,6 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
         bound.apply_defaults()
         return dict(bound.arguments)
     except (TypeError, ValueError):
-        merged = dict(zip(_ATEN_POSITIONAL, args))
+        merged = dict(zip(positional, args))
         merged.update(kwargs)
         return merged

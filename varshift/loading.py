@@ -634,5 +634,33 @@ def load_model(
             "'{...}' for its arguments)"
         )
     module = build_arch(arch, arch_args or {})
-    key_map = load_state_into(module, value, str(path))
-    return LoadedModel(module, path, "checkpoint", obj, state_path, key_map, trusted=trust)
+    weights, note = weight_averaged(value)
+    key_map = load_state_into(module, weights, str(path))
+    loaded = LoadedModel(module, path, "checkpoint", obj, state_path, key_map, trusted=trust)
+    if note:
+        loaded.notes.append(note)
+    return loaded
+
+
+#: Entries that weight-averaging wrappers add to the wrapped model's state dict:
+#: ``torch.optim.swa_utils.AveragedModel`` counts the averaged models in ``n_averaged``.
+AVERAGING_KEYS = ("n_averaged",)
+
+
+def weight_averaged(state: dict) -> tuple[dict, str | None]:
+    """The wrapped model's part of a weight-averaged state dict, and a note saying what it is.
+
+    ``AveragedModel`` (SWA, or EMA through ``multi_avg_fn``) saves ``module.<key>`` plus
+    ``n_averaged``; timm's ``ModelEmaV2``/``ModelEmaV3`` save ``module.<key>``. The
+    ``module.`` prefix is stripped by :func:`load_state_into`; the averaging entries are left
+    out of loading here and kept in the file when it is written back (only the recalibrated
+    statistics change).
+    """
+    extra = [k for k in AVERAGING_KEYS if k in state]
+    if not extra:
+        return state, None
+    weights = {k: v for k, v in state.items() if k not in extra}
+    count = state["n_averaged"]
+    count = int(count.item()) if hasattr(count, "item") and count.numel() == 1 else count
+    return weights, (f"a weight-averaged (AveragedModel: SWA/EMA) state, n_averaged={count}; "
+                     "written back in the same layout")

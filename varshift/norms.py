@@ -35,8 +35,10 @@ class ScratchStats:
 
     def __init__(self, norms: dict[str, nn.Module]) -> None:
         self.norms = norms
+        # frozen norms (FrozenBatchNorm2d) have neither num_batches_tracked nor momentum
         self.saved = {
-            name: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum)
+            name: (m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None),
+                   getattr(m, "momentum", None))
             for name, m in norms.items()
         }
         self.buffers = {
@@ -75,8 +77,10 @@ def _put(m: nn.Module, running_mean, running_var, num_batches_tracked, momentum)
                        ("num_batches_tracked", num_batches_tracked)):
         if key in buffers:
             buffers[key] = value
-        else:
+        elif value is not None or hasattr(m, key):
             setattr(m, key, value)
+    if not hasattr(m, "momentum"):
+        return
     if "momentum" in m.__dict__:
         m.__dict__["momentum"] = momentum
     else:
@@ -187,10 +191,21 @@ class BatchStats:
         self.moments = {n: ChannelMoments() for n in self.names}
         self.updates_stats: dict[str, bool] = {}
         self.active = True
+        self._single: set[str] = set()  # norms running this call in eval mode (one value)
 
     def _pre(self, name: str):
         def hook(module, args):
-            if self.active and name not in self.updates_stats:
+            if not self.active:
+                return
+            if module.training and input_count(args[0]) <= 1:
+                # One value per channel (a batch of one sample, a 1x1 map): torch refuses to
+                # normalize it with batch statistics. Normalize it with the scratch statistics
+                # (the last batch's) for this call only, and take its statistics from the
+                # input itself in the post-hook: the population moments stay exact.
+                module.training = False
+                self._single.add(name)
+                return
+            if name not in self.updates_stats:
                 self.scratch.batch_stats(name)[1].fill_(_UNSET)
 
         return hook
@@ -199,8 +214,13 @@ class BatchStats:
         def hook(module, args, output):
             if not self.active:
                 return
-            mean, var = self.scratch.batch_stats(name)
             x = args[0]
+            if name in self._single:
+                self._single.discard(name)
+                module.training = True
+                self.moments[name].add(x)
+                return
+            mean, var = self.scratch.batch_stats(name)
             updates = self.updates_stats.get(name)
             if updates is None:
                 updates = self.updates_stats[name] = not bool((var < 0).any())

@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
+from .calling import Caller, Invocation
 from .data import as_batches, peek
 from .errors import DataError, TraceError
-from .inputs import fit_error, input_preparer
+from .inputs import fit_error
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .reports import LayerShift, ProbeReport
 from .stats import ChannelMoments, require_finite, shift_ratio
@@ -40,28 +41,33 @@ MISMATCH = 1.25
 Progress = Callable[[int, "int | None"], None]
 
 
-def forward(model: nn.Module, x: torch.Tensor, index: int) -> Any:
-    """Run the model; its errors become a DataError that names the input shape."""
+def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any:
+    """Run the model on a tensor or an :class:`~varshift.calling.Invocation`; its errors
+    become a DataError that names the inputs."""
     try:
-        return model(x)
+        return x.run(model) if isinstance(x, Invocation) else model(x)
     except (DataError, StopForward):
         raise
     except Exception as exc:  # the user's model rejected the batch
         if "more than 1 value per channel" in str(exc):
             raise DataError(
-                f"batch {index} has {x.shape[0]} sample(s): a train-mode BatchNorm needs more "
+                f"batch {index} has {_samples(x)} sample(s): a train-mode BatchNorm needs more "
                 "than one value per channel; use --batch-size 2 or more"
             ) from exc
         raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
 
 
-def scan_for(model: nn.Module, x: torch.Tensor) -> "tuple[ScanReport, DataflowGraph]":
-    """Scan the model (and return the graph), tracing dynamically on ``x[:1]`` if fx cannot;
-    errors name the data."""
+def _samples(x: "torch.Tensor | Invocation") -> int:
+    return x.samples if isinstance(x, Invocation) else int(x.shape[0])
+
+
+def scan_for(model: nn.Module, x: "torch.Tensor | Invocation") -> "tuple[ScanReport, DataflowGraph]":
+    """Scan the model (and return the graph), tracing dynamically on ``x`` (a tensor is cut
+    to ``x[:1]``) if fx cannot; errors name the data."""
     from .rules import scan_traced
 
     try:
-        return scan_traced(model, x[:1])
+        return scan_traced(model, x[:1] if isinstance(x, torch.Tensor) else x)
     except TraceError as exc:
         raise fit_error(model, x, exc.__cause__ or exc) from exc
 
@@ -75,6 +81,9 @@ def probe(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
     process_group: Any = None,
+    call: Any = None,
+    labels: str = "auto",
+    max_samples: int | None = None,
 ) -> ProbeReport:
     """Measure every norm's variance shift on ``batches``, in execution order.
 
@@ -91,6 +100,12 @@ def probe(
             own ``batches``: the moments are merged exactly once at the end and every rank
             returns the same report. Default: the initialized default group, if any;
             ``False``: this process alone.
+        call: ``fn(model, batch)`` (or a ``pkg.module:fn`` string) that runs the model on one
+            batch; default: the calling convention of :mod:`varshift.calling` (tensors,
+            tuples as positional arguments, dicts as keyword arguments).
+        labels: ``"auto"``, ``"none"`` or ``"last"``: how tuple batches split (see
+            :mod:`varshift.calling`).
+        max_samples: stop after this many samples (the last batch cut); default: all.
 
     Returns:
         A :class:`ProbeReport`.
@@ -106,21 +121,27 @@ def probe(
     from . import distributed
 
     d = distributed.resolve(process_group)
-    with distributed.using(d):
-        return _probe(distributed.unwrap(model), batches, seed, threshold, device, progress, d)
+    # the whole run under fork_rng: iterating a DataLoader (shuffling, random transforms)
+    # draws from the global generator too, from the very first batch on
+    dev = torch.device(device) if device is not None else model_device(distributed.unwrap(model))
+    with distributed.using(d), fork_rng(dev):
+        return _probe(distributed.unwrap(model), batches, seed, threshold, device, progress, d,
+                      call, labels, max_samples)
 
 
-def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
+def _probe(model, batches, seed, threshold, device, progress, d, call=None, labels="auto",
+           max_samples=None) -> ProbeReport:
     check_materialized(model)
-    cal = as_batches(batches, once=True)
+    cal = as_batches(batches, once=True, max_samples=max_samples)
     dev = torch.device(device) if device is not None else model_device(model)
-    prepare = input_preparer(model, dev)
+    caller = Caller(model, call=call, labels=labels, device=dev)
+    prepare = caller.prepare
     norms = norm_modules(model)
 
     # One pass over the data: the first batch is peeked for the scan, then chained back, so
     # a generator is streamed (not materialized) and a data callable is called once.
     first, stream = peek(cal)
-    scan_report, _ = scan_for(model, prepare(first[0]))
+    scan_report, _ = scan_for(model, prepare(first, 0, limit=None if call else 1))
     del first
     affected = {n.name: n for n in scan_report.norms}
 
@@ -135,8 +156,9 @@ def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
         eval_stats = InputStats(norms).attach(handles)
         train_stats = BatchStats(scratch).attach(handles)
         torch.manual_seed(seed)
-        for index, (x, _) in enumerate(stream):
-            x = prepare(x)
+        for index, batch in enumerate(stream):
+            x = prepare(batch, index)
+            del batch
             eval_stats.active, train_stats.active = True, False
             scratch.original()
             model.eval()
@@ -146,7 +168,7 @@ def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
             model.train()
             forward(model, x, index)
             n_batches += 1
-            samples += x.shape[0]
+            samples += x.samples
             if progress is not None:
                 progress(n_batches, getattr(cal, "n_batches", None))
 
@@ -175,7 +197,8 @@ def _probe(model, batches, seed, threshold, device, progress, d) -> ProbeReport:
         report.notes.append(
             f"{len(unused)} BatchNorm layer(s) never ran on this data: {', '.join(unused[:5])}"
         )
-    _check_calibration(report)
+    # frozen norms' statistics never came from this model's training: no evidence either way
+    _check_calibration(report, {n.name for n in scan_report.norms if n.frozen})
     return report
 
 
@@ -214,12 +237,34 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
     )
 
 
-def _check_calibration(report: ProbeReport) -> None:
-    """Warn when unaffected layers' train-mode variance is far from their running variance."""
+def _check_calibration(report: ProbeReport, frozen: "set[str] | frozenset" = frozenset()) -> None:
+    """Warn when unaffected layers' train-mode variance is far from their running variance.
+
+    When the train-mode pass reproduces such a layer's shift (its train-mode variance matches
+    the running one, its eval variance does not), the cause is an op that is random in
+    training which no rule recognized, not the data: say that instead.
+    """
+    unexplained = [
+        l for l in report.layers
+        if l.affected is False and l.name not in frozen
+        and l.shift > MISMATCH and l.train_shift > MISMATCH
+        and shift_ratio(l.train_var_mean, l.running_var_mean) <= MISMATCH
+    ]
+    if unexplained:
+        names = ", ".join(l.name for l in unexplained[:5])
+        worst = max(unexplained, key=lambda l: l.shift)
+        report.warnings.append(
+            f"{len(unexplained)} layer(s) that no recognized regularizer reaches show a shift "
+            f"that the train-mode pass reproduces ({names}; worst {worst.name}: "
+            f"{worst.shift:.2f}x): an unrecognized train-mode op upstream is the likely cause, "
+            "not the calibration data; recalibrate them with `varshift recalibrate --all-norms "
+            "--exact`"
+        )
+    skip = {l.name for l in unexplained}
     off = [
         (l, shift_ratio(l.train_var_mean, l.running_var_mean))
         for l in report.layers
-        if l.affected is False
+        if l.affected is False and l.name not in skip and l.name not in frozen
     ]
     off = [(l, r) for l, r in off if r > MISMATCH]
     if off:

@@ -34,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, frontier
-from ._torch_utils import check_materialized, model_device, preserved_modes, removing
+from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
+from .calling import Caller
 from .data import as_batches, peek
 from .errors import VarshiftError
 from .frontier import check_cache_mb
 from .graph import NORM, DataflowGraph
-from .inputs import input_preparer
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
 from .probing import Progress, forward, scan_for
 from .reports import ExactInfo, LayerFix, Metrics, RecalibrationReport
@@ -61,6 +61,11 @@ def recalibrate(
     cache_mb: float | None = None,
     exact_path: str = "auto",
     process_group: Any = None,
+    call: Any = None,
+    labels: str = "auto",
+    output_key: str | None = None,
+    max_samples: int | None = None,
+    include_frozen: bool = False,
 ) -> tuple[nn.Module, RecalibrationReport]:
     """Recompute the running statistics of the affected norms with every regularizer off.
 
@@ -90,21 +95,33 @@ def recalibrate(
             bit-identical buffers and the same report. Default: the initialized default
             group, if any; ``False``: this process alone. A ``DistributedDataParallel``
             wrapper is unwrapped (its module is fixed).
+        call: ``fn(model, batch)`` returning the output or ``(output, labels)`` (or a
+            ``pkg.module:fn`` string); default: the rules of :mod:`varshift.calling`.
+        labels: ``"auto"``, ``"none"`` or ``"last"``: how tuple batches split.
+        output_key: the output the metrics read (default: ``logits``, else the first tensor).
+        max_samples: use at most this many calibration samples (the last batch cut).
+        include_frozen: also recalibrate frozen norms (``FrozenBatchNorm2d``, ``momentum=0``),
+            which are left alone by default because training never updates them
+            (``all_norms`` includes them too).
 
     Returns:
         ``(fixed_model, report)``. ``num_batches_tracked`` of each recalibrated norm is the
         number of calibration batches (as after ``update_bn``); momentum is unchanged.
     """
     d = distributed.resolve(process_group)
-    with distributed.using(d):
+    # the whole run under fork_rng: iterating a DataLoader (shuffling, random transforms)
+    # draws from the global generator too, from the very first batch on
+    dev = torch.device(device) if device is not None else model_device(distributed.unwrap(model))
+    with distributed.using(d), fork_rng(dev):
         return _recalibrate(distributed.unwrap(model), batches, exact, all_norms, inplace,
                             eval_batches, measure, threshold, device, progress, cache_mb,
-                            exact_path)
+                            exact_path, call, labels, output_key, max_samples, include_frozen)
 
 
 def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measure, threshold,
-                 device, progress, cache_mb,
-                 exact_path) -> tuple[nn.Module, RecalibrationReport]:
+                 device, progress, cache_mb=None, exact_path="auto", call=None, labels="auto",
+                 output_key=None, max_samples=None,
+                 include_frozen=False) -> tuple[nn.Module, RecalibrationReport]:
     check_materialized(model)
     check_cache_mb(cache_mb)
     if exact_path not in EXACT_PATHS:
@@ -112,17 +129,20 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     # The population estimator alone reads the data once: stream it (a generator is not
     # materialized). Measuring and the exact estimator need several passes.
     single_pass = not exact and not measure
-    cal = as_batches(batches, once=single_pass)
+    cal = as_batches(batches, once=single_pass, max_samples=max_samples)
     fixed = model if inplace else copy.deepcopy(model)
     dev = torch.device(device) if device is not None else model_device(fixed)
-    prepare = input_preparer(fixed, dev)
+    caller = Caller(fixed, call=call, labels=labels, output_key=output_key, device=dev)
+    prepare = caller.prepare
     norms = norm_modules(fixed)
 
     first, stream = peek(cal)
-    scan_report, graph = scan_for(fixed, prepare(first[0]))
+    scan_report, graph = scan_for(fixed, prepare(first, 0, limit=None if call else 1))
     data = stream if single_pass else cal
     del first, stream
-    targets = [n.name for n in scan_report.norms if all_norms or n.affected]
+    # frozen norms are never affected (training cannot have shifted them): only on request
+    targets = [n.name for n in scan_report.norms
+               if all_norms or n.affected or (include_frozen and n.frozen)]
     targets = [t for t in targets if t in norms]
     notes: list[str] = []
     always_on = [r.name for r in scan_report.regularizers if r.always_on]
@@ -131,7 +151,12 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
             f"{', '.join(always_on)} {'stays' if len(always_on) == 1 else 'stay'} active in eval "
             "mode and cannot be switched off; its noise is part of the recalibrated statistics"
         )
-    if not targets:
+    if not targets and not norms:
+        notes.append("the model has no BatchNorm layer with running statistics; nothing to "
+                     "recalibrate")
+    elif not targets and all_norms:
+        notes.append("no BatchNorm layer ran on this data; nothing was recalibrated")
+    elif not targets:
         notes.append(
             "no BatchNorm layer is reached by an active regularizer; nothing to recalibrate "
             "(use --all-norms to recalibrate every BatchNorm)"
@@ -143,9 +168,10 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
     before_stats = before_metrics = None
     why_no_metrics: list[str] = []  # held-out data that cannot be scored is said, not dropped
     if measure:
-        before_stats, before_metrics = measure_eval(fixed, cal, prepare, norms)
+        before_stats, before_metrics = measure_eval(fixed, cal, caller, norms)
         if held_out:
-            before_metrics = metrics_on(fixed, evaluation, prepare, held_out=True, why=why_no_metrics)
+            before_metrics = metrics_on(fixed, evaluation, caller, held_out=True,
+                                        why=why_no_metrics)
     snapshot = {
         name: (m.running_mean.detach().double().mean().item(),
                m.running_var.detach().double().mean().item())
@@ -168,9 +194,9 @@ def _recalibrate(model, batches, exact, all_norms, inplace, eval_batches, measur
 
     after_stats = after_metrics = None
     if measure:
-        after_stats, after_metrics = measure_eval(fixed, cal, prepare, norms)
+        after_stats, after_metrics = measure_eval(fixed, cal, caller, norms)
         if held_out:
-            after_metrics = metrics_on(fixed, evaluation, prepare, held_out=True)
+            after_metrics = metrics_on(fixed, evaluation, caller, held_out=True)
 
     layers = []
     order = before_stats.order if before_stats is not None else list(norms)
@@ -231,7 +257,7 @@ def _write(m: nn.Module, moments: ChannelMoments, n_batches: int, name: str = ""
     require_spread(moments, name)
     m.running_mean.copy_(moments.mean.to(m.running_mean))
     m.running_var.copy_(moments.var.to(m.running_var))
-    if m.num_batches_tracked is not None:
+    if getattr(m, "num_batches_tracked", None) is not None:
         m.num_batches_tracked.fill_(n_batches)
 
 
@@ -247,8 +273,8 @@ def _population(model, batches, prepare, norms, targets, progress, total) -> tup
         for m in norms.values():
             m.train()
         scratch.scratch()
-        for index, (x, _) in enumerate(batches):
-            forward(model, prepare(x), index)
+        for index, batch in enumerate(batches):
+            forward(model, prepare(batch, index), index)
             n_batches += 1
             if progress is not None:
                 progress(n_batches, total)
@@ -359,8 +385,10 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
     elif graph.traced_with != "fx":
         reason = "torch.fx cannot trace the model (the scan ran it instead)"
     else:
-        p = frontier.plan(model, targets)
-        reason = p if isinstance(p, str) else None
+        reason = _single_tensor_input(cal, prepare)
+        if reason is None:
+            p = frontier.plan(model, targets)
+            reason = p if isinstance(p, str) else None
     if reason is not None:
         if exact_path == "frontier":
             raise VarshiftError(f"the frontier path of --exact cannot run: {reason}")
@@ -382,7 +410,8 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
     assert not isinstance(p, str)
     with preserved_modes(model), torch.no_grad():
         model.eval()
-        done = frontier.run(p, cal, prepare, write, budget, device, model, progress,
+        done = frontier.run(p, cal, lambda batch: prepare(batch, 0).args[0], write, budget,
+                            device, model, progress,
                             getattr(cal, "n_batches", None))
     n_batches = total["batches"] if d.active else done.batches
     memory = (done.peak_mb, done.kept_mb, done.spilled_mb)
@@ -391,6 +420,17 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
     return 1, n_batches, ExactInfo(
         path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
         peak_mb=memory[0], kept_mb=memory[1], spilled_mb=memory[2])
+
+
+def _single_tensor_input(cal, prepare) -> str | None:
+    """None when the model is called as ``model(x)`` with one tensor (what the frontier runs:
+    the traced graph's first input), else why not."""
+    inv = prepare(next(iter(cal)), 0)
+    if inv.call is not None:
+        return "a --call function runs the model (the frontier feeds the traced graph itself)"
+    if inv.kwargs or len(inv.args) != 1 or not isinstance(inv.args[0], torch.Tensor):
+        return "the model takes more than one input tensor (the frontier feeds one)"
+    return None
 
 
 class _Moments:
@@ -417,12 +457,12 @@ def _exact_levels(model, cal, prepare, norms, targets, graph, progress) -> tuple
                     # downstream of them matters for this pass.
                     stats.stop_after = {n: per_forward[n] for n in level if n in per_forward}
                 n_batches = 0
-                for index, (x, _) in enumerate(cal):
+                for index, batch in enumerate(cal):
                     stats.begin_forward()
                     if counter is not None:
                         counter.begin_forward()
                     try:
-                        forward(model, prepare(x), index)
+                        forward(model, prepare(batch, index), index)
                     except StopForward:
                         pass
                     n_batches += 1
@@ -461,14 +501,15 @@ class _MetricSums:
         if self.reason is None:
             self.reason = reason
 
-    def add(self, out: Any, y: torch.Tensor | None) -> None:
+    def add(self, logits: Any, y: Any) -> None:
+        """Add one batch: ``logits`` as the caller picked them from the output."""
         if self.reason is not None:
             return
         if y is None:
             return self._unusable("it has no labels")
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(logits, dict):
-            logits = next(iter(logits.values()))
+        if not isinstance(y, torch.Tensor):  # detection targets and the like
+            return self._unusable(f"its labels are a {type(y).__name__}, not a tensor of class "
+                                  "indices")
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             return self._unusable(f"the model's output ({shape}) is not (N, classes) logits")
@@ -500,7 +541,7 @@ class _MetricSums:
         return Metrics(self.correct / self.n, self.nll / self.n, self.n, held_out)
 
 
-def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None]:
+def measure_eval(model, cal, caller, norms) -> tuple[InputStats, Metrics | None]:
     """One eval pass: every norm's input moments, and metrics when labels are present."""
     sums = _MetricSums()
     with contextlib.ExitStack() as stack:
@@ -509,8 +550,8 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
         handles = stack.enter_context(removing([]))
         stats = InputStats(norms).attach(handles)
         model.eval()
-        for index, (x, y) in enumerate(cal):
-            sums.add(forward(model, prepare(x), index), y)
+        for index, batch in enumerate(cal):
+            _add_batch(sums, model, caller, batch, index)
     distributed.current().merge_stats(stats)
     # An inference-path input that overflowed (data far outside the model's range) makes
     # every statistic downstream meaningless, whether or not that norm is recalibrated.
@@ -519,15 +560,24 @@ def measure_eval(model, cal, prepare, norms) -> tuple[InputStats, Metrics | None
     return stats, sums.result(held_out=False)
 
 
-def metrics_on(model, batches, prepare, held_out: bool, why: list[str] | None = None) -> Metrics | None:
+def _add_batch(sums: _MetricSums, model, caller, batch, index: int) -> None:
+    inv = caller.prepare(batch, index)
+    out = forward(model, inv, index)
+    # --output-key is checked on every output, labels or not: a wrong key is an error
+    wanted = inv.labels is not None or caller.output_key is not None
+    sums.add(caller.logits(out) if wanted else None, inv.labels)
+
+
+def metrics_on(model, batches, caller, held_out: bool,
+               why: list[str] | None = None) -> Metrics | None:
     """Accuracy and NLL of the eval-mode model on labelled ``batches``; None when they cannot
     be computed, with the reason appended to ``why`` (no labels, float labels, labels out of
     the model's class range, outputs that are not logits)."""
     sums = _MetricSums()
     with preserved_modes(model), torch.no_grad():
         model.eval()
-        for index, (x, y) in enumerate(batches):
-            sums.add(forward(model, prepare(x), index), y)
+        for index, batch in enumerate(batches):
+            _add_batch(sums, model, caller, batch, index)
     if sums.reason is not None and why is not None:
         why.append(sums.reason)
     return sums.result(held_out)

@@ -183,7 +183,7 @@ def _(report: ScanReport):
                     "severity", "remedy"):
             table.add_column(col, overflow="fold")
         for f in report.findings:
-            reg = next(r for r in report.regularizers if r.name == f.regularizer)
+            reg = _finding_subject(report, f)
             table.add_row(
                 f"{f.regularizer}\n[{reg.type}]",
                 _fmt_rate(reg),
@@ -233,6 +233,13 @@ def _where(report: ScanReport, code: str = "") -> list[tuple[bool, str, str]]:
             if nloc:
                 out.append((True, name, nloc))
     return out
+def _finding_subject(report: ScanReport, f) -> Any:
+    """The regularizer a finding is about; for a finding about a norm (no regularizer), a
+    stand-in that names the rule."""
+    from types import SimpleNamespace
+
+    reg = next((r for r in report.regularizers if r.name == f.regularizer), None)
+    return reg if reg is not None else SimpleNamespace(type=f.rule, p=None, kind=None)
 
 
 def _traced(how: str) -> str:
@@ -254,7 +261,7 @@ def _(report: ScanReport) -> str:
     if report.findings:
         rows = []
         for f in report.findings:
-            reg = next(r for r in report.regularizers if r.name == f.regularizer)
+            reg = _finding_subject(report, f)
             rows.append([
                 f"`{f.regularizer}` ({reg.type})",
                 _fmt_rate(reg),

@@ -91,6 +91,9 @@ class NormEntry:
     reached_by: list[str]
     source: SourceLocation | None = None
     defined_at: SourceLocation | None = None
+    #: training never updates its statistics (FrozenBatchNorm2d, momentum=0): recalibrated
+    #: only with --all-norms or --include-frozen
+    frozen: bool = False
 
 
 @dataclass
@@ -191,6 +194,13 @@ class ScanReport:
             parts.append(
                 f"{plural(len(random), 'dropout call')} "
                 f"{'stays' if len(random) == 1 else 'stay'} active at inference"
+            )
+        batch = [f for f in self.findings if f.rule == "norm-without-running-stats"]
+        if batch:
+            parts.append(
+                f"{plural(len(batch), 'BatchNorm layer')} without running statistics "
+                f"{'normalizes' if len(batch) == 1 else 'normalize'} with batch statistics "
+                "at inference"
             )
         return "; ".join(parts)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import kinds
-from .graph import FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
+from .graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
 from .reports import Finding, NormEntry, RegularizerEntry, ScanReport, plural, severity_rank
 
 if TYPE_CHECKING:
-    import torch
     import torch.nn as nn
 
 #: The rules, as data: name -> what it means.
@@ -17,6 +16,11 @@ RULES = {
     "regularizer-before-norm": (
         "an active regularizer feeds a BatchNorm: its running variance records the "
         "training-time variance, which inference never sees"
+    ),
+    "norm-without-running-stats": (
+        "a BatchNorm with track_running_stats=False normalizes with each batch's statistics "
+        "at inference too: predictions depend on what else is in the batch, and a batch of "
+        "one sample cannot be normalized"
     ),
     "dropout-at-inference": (
         "a functional dropout stays active in eval mode (training=True hard-coded): "
@@ -33,12 +37,17 @@ MIN_SEVERITY = {kinds.ALPHA_DROPOUT: "warning"}
 _MOVABLE = (kinds.DROPOUT, kinds.CHANNEL_DROPOUT, kinds.ALPHA_DROPOUT)
 
 
-def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> ScanReport:
+def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
+         labels: str = "auto") -> ScanReport:
     """Find every regularizer that reaches a BatchNorm in ``model``'s dataflow graph.
 
     Traces with torch.fx; when fx cannot trace the model, runs it once on ``example_input``
     (required then) and records the ops. The model's parameters, buffers and modes are left
     as they were.
+
+    ``example_input`` is a tensor, or any calibration batch (a tuple of positional inputs, a
+    dict of keyword arguments, ...), called by the rules of :mod:`varshift.calling` or by
+    ``call(model, batch)`` when given (a callable or a ``pkg.module:fn`` string).
 
     Returns:
         A :class:`ScanReport`; ``bool(report)`` is False when a finding has severity error.
@@ -47,8 +56,18 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
         TraceError: fx cannot trace the model and no example input was given, or the model
             does not run on the example input.
     """
+    import torch
+
+    from .calling import Caller, Invocation
+
+    if example_input is not None and not isinstance(example_input, Invocation) and (
+            call is not None or not isinstance(example_input, torch.Tensor)
+            or not example_input.is_floating_point()):
+        # one sample is enough to trace; a --call function gets the whole batch it expects
+        limit = None if call is not None else 1
+        example_input = Caller(model, call=call, labels=labels).prepare(example_input, limit=limit)
     report, graph = scan_traced(model, example_input)
-    if example_input is not None and graph.traced_with != "dynamic":
+    if isinstance(example_input, torch.Tensor) and graph.traced_with != "dynamic":
         from .inputs import check_example
 
         check_example(model, example_input)  # fx traced without running it
@@ -56,17 +75,49 @@ def scan(model: "nn.Module", example_input: "torch.Tensor | None" = None) -> Sca
 
 
 def scan_traced(
-    model: "nn.Module", example_input: "torch.Tensor | None" = None
+    model: "nn.Module", example_input: Any = None
 ) -> tuple[ScanReport, DataflowGraph]:
-    """:func:`scan`, also returning the dataflow graph it traced (for passes that need it)."""
+    """:func:`scan`, also returning the dataflow graph it traced (for passes that need it).
+    ``example_input``: None, a tensor or a :class:`~varshift.calling.Invocation`."""
+    from .calling import describe
+
     graph = trace(model, example_input)
-    report = scan_graph(graph, type(model).__name__)
-    if graph.traced_with == "dynamic" and example_input is not None:
+    frozen = {name for name, m in model.named_modules() if kinds.is_frozen_norm(m)}
+    report = scan_graph(graph, type(model).__name__, frozen)
+    _mark_frozen(model, report)
+    if graph.idle_random:
         report.notes.append(
-            "torch.fx could not trace this model; it was traced by running it once on an "
-            f"input of shape {tuple(example_input.shape)} (branches not taken then are not seen)"
+            f"random draws that never reach the data path (not regularizers): "
+            f"{', '.join(graph.idle_random[:5])}"
+        )
+    if graph.traced_with == "dynamic" and example_input is not None:
+        what = (f"an input of shape {tuple(example_input.shape)}"
+                if hasattr(example_input, "shape") else f"the batch {describe(example_input)}")
+        report.notes.append(
+            "torch.fx could not trace this model; it was traced by running it once on "
+            f"{what} (branches not taken then are not seen)"
         )
     return report, graph
+
+
+def _mark_frozen(model: "nn.Module", report: ScanReport) -> None:
+    """Flag the norms whose statistics training never updates, and say what that means."""
+    frozen = []
+    for entry in report.norms:
+        try:
+            module = model.get_submodule(entry.name) if entry.name else model
+        except AttributeError:
+            continue
+        entry.frozen = kinds.is_frozen_norm(module)
+        if entry.frozen:
+            frozen.append(entry)
+    if frozen:
+        types = sorted({e.type for e in frozen})
+        report.notes.append(
+            f"{plural(len(frozen), 'frozen BatchNorm layer')} ({', '.join(types)}): training never "
+            "updates their statistics, so dropout cannot have shifted them; recalibrated only "
+            "with --all-norms or --include-frozen"
+        )
 
 
 def _grouped(ops: list[Op]) -> dict[str, list[Op]]:
@@ -85,8 +136,10 @@ def _is_active(op: Op) -> bool:
     return reg.p is None or reg.p > 0
 
 
-def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
-    """Apply the rules to a dataflow graph."""
+def scan_graph(graph: DataflowGraph, model_name: str = "model",
+               frozen: "set[str] | frozenset[str]" = frozenset()) -> ScanReport:
+    """Apply the rules to a dataflow graph. Norms named in ``frozen`` (statistics that training
+    never updates) are listed but never affected: dropout cannot have shifted them."""
     reg_groups = _grouped([op for op in graph.ops if op.role == REGULARIZER])
     norm_groups = _grouped([op for op in graph.ops if op.role == NORM])
     norm_order = {name: i for i, name in enumerate(norm_groups)}
@@ -94,7 +147,8 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
     last_norm = next(reversed(norm_groups), None)
 
     def names(indices: set[int]) -> list[str]:
-        return sorted({graph.ops[i].name for i in indices}, key=norm_order.__getitem__)
+        found = {graph.ops[i].name for i in indices} - set(frozen)
+        return sorted(found, key=norm_order.__getitem__)
 
     regularizers: list[RegularizerEntry] = []
     findings: list[Finding] = []
@@ -153,7 +207,27 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model") -> ScanReport:
         )
         for name, ops in norm_groups.items()
     ]
+    findings += _batch_stats_findings(graph)
     return ScanReport(model_name, graph.traced_with, regularizers, norms, findings)
+
+
+def _batch_stats_findings(graph: DataflowGraph) -> list[Finding]:
+    """One finding per BatchNorm without running statistics."""
+    out = []
+    for name, ops in _grouped([op for op in graph.ops if op.role == BATCH_STATS_NORM]).items():
+        out.append(Finding(
+            rule="norm-without-running-stats",
+            severity="warning",
+            regularizer=name,
+            direct=[name],
+            downstream_count=len(graph.downstream(ops[0].index)),
+            predicted_shift=None,
+            remedy="train with track_running_stats=True (then `varshift recalibrate "
+                   "--all-norms` can fill its statistics), or use GroupNorm/LayerNorm",
+            message=f"{name or '(root)'} [{ops[0].target}(track_running_stats=False)] normalizes "
+                    "with batch statistics at inference: outputs depend on the batch",
+        ))
+    return out
 
 
 def _severity(kind: str, shift: float | None) -> str:
@@ -207,6 +281,14 @@ def _shift_finding(
     )
 
 
+def _inference_remedy(reg: RegularizerEntry) -> str:
+    if reg.kind == kinds.STOCHASTIC:
+        return "draw the random values only when self.training is True (noise at inference)"
+    if reg.type == "scaled_dot_product_attention":
+        return "pass dropout_p=0.0 when not self.training"
+    return f"pass training=self.training to {reg.type}() so it is off in eval mode"
+
+
 def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
     return Finding(
         rule="dropout-at-inference",
@@ -215,9 +297,9 @@ def _inference_finding(reg: RegularizerEntry, direct: list[str]) -> Finding:
         direct=direct,
         downstream_count=len(reg.reaches),
         predicted_shift=None,
-        remedy=f"pass training=self.training to {reg.type}() so it is off in eval mode",
-        message=f"{reg.name} [{reg.type}(p={reg.p:g})] is active in eval mode: every "
-        "inference is random",
+        remedy=_inference_remedy(reg),
+        message=f"{reg.name} [{reg.type}{'' if reg.p is None else f'(p={reg.p:g})'}] is active "
+        "in eval mode: every inference is random",
         source=reg.source,
         defined_at=reg.defined_at,
     )

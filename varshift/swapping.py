@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -48,7 +48,9 @@ def swap(
     beta: float = 0.1,
     *,
     inplace: bool = False,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
+    call: Any = None,
+    labels: str = "auto",
 ) -> tuple[nn.Module, SwapReport]:
     """Replace every active regularizer that reaches a norm with ``Uout(beta)``.
 
@@ -57,7 +59,9 @@ def swap(
         to: the replacement; only ``"uout"``.
         beta: Uout's noise half-width (variance factor ``1 + beta**2/3``).
         example_input: for models torch.fx cannot trace (their functional calls cannot be
-            rewritten then, and are listed as skipped).
+            rewritten then, and are listed as skipped): a tensor or any calibration batch.
+        call: ``fn(model, batch)`` that runs the model on ``example_input`` (see
+            :mod:`varshift.calling`).
 
     Returns:
         ``(swapped_model, report)``. Eval-mode outputs are unchanged: both dropout and Uout
@@ -72,7 +76,7 @@ def swap(
         raise VarshiftError(f"--beta must be in (0, 1), got {beta}")
     check_materialized(model)
     out = model if inplace else copy.deepcopy(model)
-    found = scan(out, example_input)
+    found = scan(out, example_input, call=call, labels=labels)
     targets = [r for r in found.regularizers if r.active and r.reaches and not r.always_on]
     entries: list[SwapEntry] = []
     functional: list[RegularizerEntry] = []
@@ -81,6 +85,13 @@ def swap(
             attr = kinds.ATTRIBUTE_REGULARIZERS[reg.type][0]
             entries.append(_entry(reg, False, beta, f"dropout inside torch's {reg.type} (its "
                                   f"`{attr}` argument): set it to 0 in the model's code"))
+        elif reg.type in kinds.ARGUMENT_REGULARIZERS:  # attention's own dropout_p
+            arg = kinds.ARGUMENT_REGULARIZERS[reg.type]
+            entries.append(_entry(reg, False, beta, f"dropout inside {reg.type} (its `{arg}` "
+                                  "argument): pass 0 in the model's code"))
+        elif reg.kind == kinds.STOCHASTIC:  # found by what it does: no call to rewrite
+            entries.append(_entry(reg, False, beta, "a random op written inline (found by what "
+                                  "it does): replace it with varshift.Uout in the model's code"))
         elif reg.functional:
             functional.append(reg)
         else:

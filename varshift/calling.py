@@ -1,0 +1,476 @@
+"""How varshift calls a model on a batch, and where it reads the logits in what comes back.
+
+One place for the calling convention, used by scan, probe, recalibrate and export. The rules,
+in order (the README shows examples):
+
+1. ``call`` (``--call pkg.module:fn`` / ``file.py:fn``): ``fn(model, batch)`` returns the
+   output, or ``(output, labels)`` (a pair whose second item is ``None`` or an integer tensor)
+   so that metrics still work. The escape hatch that always works.
+2. A dict batch whose keys name parameters of ``model.forward`` is passed as keyword
+   arguments; label keys (``labels``, ``label``, ``y``, ``targets``, ``target``) are held back
+   as labels unless ``forward`` names them itself. A dict whose keys name no parameter is
+   read the old way: the inputs under ``inputs``/``x``/..., the labels under ``labels``/``y``.
+3. A tuple/list batch goes in as positional arguments when ``forward`` takes exactly that many
+   required positional parameters; with one fewer, the last item is the labels; otherwise it
+   is ``(inputs, labels)``. ``labels="last"`` / ``"none"`` (``--labels``) settle ambiguous
+   cases: the last item is the labels, or there are none and every item is an argument.
+4. A tensor is the one positional argument.
+
+Every tensor in the batch moves to the model's device; floating tensors take the model's
+floating dtype and integer tensors (token ids, masks, labels) keep theirs, except that a lone
+integer input to a model without an embedding (images stored as uint8) becomes floating.
+
+Outputs: a tensor, tuples, lists, dicts and Hugging Face ``ModelOutput``s. Metrics read
+``output_key`` when given, else ``logits`` when present, else the first tensor.
+
+Sizes: the number of samples in a batch is the first dimension of its first tensor, or the
+length of its first list found inside a tuple or dict (a list of per-sample images, as
+torchvision's detection models take).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ._torch_utils import model_device, model_dtype
+from .errors import DataError, VarshiftError
+
+LABEL_MODES = ("auto", "none", "last")
+
+
+class CallError(DataError):
+    """``--call`` could not be resolved, raised, or returned no usable output."""
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def unwrap(batch: Any) -> Any:
+    """The batch as the data source produced it (varshift's ``Batch`` pairs keep it in ``raw``)."""
+    return getattr(batch, "raw", batch)
+
+
+def tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) structure of tuples, lists and dicts, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in tensors(v)]
+    return []
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor; containers keep their types."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        items = {k: map_tensors(v, fn) for k, v in obj.items()}
+        try:
+            cls: Any = type(obj)
+            return cls(**items) if _is_model_output(obj) else cls(items)
+        except Exception:
+            return items
+    if isinstance(obj, tuple):
+        mapped = [map_tensors(v, fn) for v in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else tuple(mapped)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _is_model_output(obj: Any) -> bool:
+    return any(c.__name__ == "ModelOutput" for c in type(obj).__mro__)
+
+
+def batch_size(obj: Any) -> int | None:
+    """Samples in a batch (see the module docstring); None when it holds no tensor."""
+    return _size(obj, top=True)
+
+
+def _size(obj: Any, top: bool) -> int | None:
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.ndim else None
+    if isinstance(obj, list) and not top:
+        return len(obj)  # a list inside a batch holds one item per sample
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for v in obj:
+            n = _size(v, top=False)
+            if n is not None:
+                return n
+    return None
+
+
+def cut(obj: Any, k: int) -> Any:
+    """The first ``k`` samples of a batch: every tensor whose first dimension is the batch
+    size, and every per-sample list, is cut to ``k``; everything else is kept."""
+    n = batch_size(obj)
+    if n is None or k >= n:
+        return obj
+    return take(obj, 0, k)
+
+
+def take(obj: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a batch (see :func:`cut`)."""
+    n = batch_size(obj)
+    if n is None:
+        return obj
+    return _take(obj, slice(start, stop), n, top=True)
+
+
+def _take(obj: Any, s: slice, n: int, top: bool) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[s] if obj.ndim and obj.shape[0] == n else obj
+    if isinstance(obj, list) and not top and len(obj) == n:
+        return obj[s]
+    if isinstance(obj, Mapping):
+        items = {key: _take(v, s, n, top=False) for key, v in obj.items()}
+        try:
+            cls: Any = type(obj)
+            return cls(items)
+        except Exception:
+            return items
+    if isinstance(obj, tuple):
+        mapped = [_take(v, s, n, top=False) for v in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else tuple(mapped)
+    if isinstance(obj, list):
+        return [_take(v, s, n, top=False) for v in obj]
+    return obj
+
+
+def describe(obj: Any) -> str:
+    """Shapes and dtypes of a batch, short: ``(8, 3, 32, 32) float32`` or
+    ``{image: (8, 3, 32, 32) float32, tabular: (8, 5) float32}``."""
+    if isinstance(obj, torch.Tensor):
+        return f"{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, Invocation):
+        parts = [describe(a) for a in obj.args] + [f"{k}={describe(v)}" for k, v in obj.kwargs.items()]
+        if obj.call is not None:
+            return describe(obj.batch)
+        return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+    if isinstance(obj, Mapping):
+        inner = ", ".join(f"{k}: {describe(v)}" for k, v in list(obj.items())[:6])
+        return "{" + inner + "}"
+    if isinstance(obj, (tuple, list)):
+        if obj and all(isinstance(t, torch.Tensor) for t in obj) and isinstance(obj, list) \
+                and len(obj) > 3:
+            return f"[{len(obj)} tensors]"
+        inner = ", ".join(describe(v) for v in list(obj)[:6])
+        return ("[" + inner + "]") if isinstance(obj, list) else ("(" + inner + ")")
+    return type(obj).__name__
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def first_tensor(out: Any, prefer: str = "logits") -> torch.Tensor | None:
+    """``out[prefer]`` (or ``out.prefer``) when ``out`` is a mapping holding a tensor there,
+    else the first tensor in ``out`` (None when there is none)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        value = out.get(prefer) if prefer in out else None
+        if isinstance(value, torch.Tensor):
+            return value
+    found = tensors(out)
+    return found[0] if found else None
+
+
+def pick_output(out: Any, key: str | None) -> torch.Tensor | None:
+    """The output the metrics read: ``key`` when given (a mapping key, an attribute or a
+    tuple index), else :func:`first_tensor`.
+
+    Raises:
+        DataError: ``key`` is not in the output, or holds no tensor.
+    """
+    if key is None:
+        return first_tensor(out)
+    value: Any = None
+    found = False
+    if isinstance(out, Mapping) and key in out:
+        value, found = out[key], True
+    elif isinstance(out, (tuple, list)) and key.lstrip("-").isdigit() \
+            and -len(out) <= int(key) < len(out):
+        value, found = out[int(key)], True
+    elif not isinstance(out, (torch.Tensor, Mapping, tuple, list)) and hasattr(out, key):
+        value, found = getattr(out, key), True
+    if not found:
+        raise DataError(f"--output-key {key!r} is not in the model's output ({_output_keys(out)})")
+    tensor = first_tensor(value)
+    if tensor is None:
+        raise DataError(f"--output-key {key!r} holds a {type(value).__name__}, not a tensor")
+    return tensor
+
+
+def _output_keys(out: Any) -> str:
+    if isinstance(out, Mapping):
+        return "keys: " + ", ".join(map(str, list(out)[:12]))
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}: use an index 0..{len(out) - 1}"
+    return f"a {type(out).__name__}"
+
+
+# --------------------------------------------------------------------------- calling
+
+
+@dataclass
+class Invocation:
+    """One batch, ready to run: positional and keyword arguments on the model's device (or,
+    with ``call``, the whole batch for ``call(model, batch)``), and the labels if any.
+
+    ``labels`` of a ``call`` invocation are filled in by :meth:`run` when ``call`` returns
+    ``(output, labels)``.
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    labels: Any = None
+    call: Callable | None = None
+    batch: Any = None
+    call_name: str = "--call"
+    index: int = 0
+
+    @property
+    def samples(self) -> int:
+        n = batch_size(self.batch if self.call is not None else (self.args, self.kwargs))
+        return n or 0
+
+    def inputs(self) -> Any:
+        """The structure whose tensors are the model's inputs (for the dynamic trace)."""
+        return self.batch if self.call is not None else (self.args, self.kwargs)
+
+    def run(self, model: nn.Module) -> Any:
+        """Run ``model`` on this batch and return its output."""
+        if self.call is None:
+            return model(*self.args, **self.kwargs)
+        try:
+            result = self.call(model, self.batch)
+        except VarshiftError:
+            raise
+        except Exception as exc:  # the user's function failed on this batch
+            raise CallError(f"{self.call_name} raised on batch {self.index} ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from exc
+        if (isinstance(result, tuple) and not hasattr(result, "_fields") and len(result) == 2
+                and _looks_like_labels(result[1])):
+            result, labels = result
+            if labels is not None:
+                self.labels = labels
+        if result is None:
+            raise CallError(f"{self.call_name} returned None on batch {self.index}; it must "
+                            "return the model's output (or (output, labels))")
+        if not tensors(result):
+            raise CallError(f"{self.call_name} returned a {type(result).__name__} with no tensor "
+                            f"in it on batch {self.index}; return the model's output")
+        return result
+
+
+def _looks_like_labels(value: Any) -> bool:
+    return value is None or (isinstance(value, torch.Tensor) and not value.is_floating_point()
+                             and not value.is_complex())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:240] if text else type(exc).__name__
+
+
+@dataclass
+class _Signature:
+    names: frozenset  # parameters that can be passed by keyword
+    required: int  # required positional parameters
+    positional: int  # positional parameters (required or not)
+    var_positional: bool
+    var_keyword: bool
+    text: str
+
+
+def forward_signature(model: nn.Module) -> _Signature | None:
+    """What ``model.forward`` takes; None when Python cannot tell."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    P = inspect.Parameter
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    return _Signature(
+        names=frozenset(p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)),
+        required=sum(p.default is P.empty for p in positional),
+        positional=len(positional),
+        var_positional=any(p.kind is P.VAR_POSITIONAL for p in params),
+        var_keyword=any(p.kind is P.VAR_KEYWORD for p in params),
+        text=f"{type(model).__name__}.forward({', '.join(_param_text(p) for p in params)})",
+    )
+
+
+def _param_text(p: inspect.Parameter) -> str:
+    """A parameter as written, without its annotation: ``x``, ``mask=None``, ``*args``."""
+    prefix = "*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else ""
+    default = "" if p.default is p.empty else f"={p.default!r}"[:20]
+    return f"{prefix}{p.name}{default}"
+
+
+def resolve_call(spec: str) -> Callable:
+    """Import ``--call pkg.module:fn`` / ``file.py:fn``.
+
+    Raises:
+        CallError: the spec does not name a callable.
+    """
+    from .loading import resolve_arch
+
+    try:
+        return resolve_arch(spec)
+    except VarshiftError as exc:  # its message talks about --arch
+        raise CallError(str(exc).replace("--arch", "--call")) from None
+
+
+class Caller:
+    """Turns batches into :class:`Invocation`s for ``model`` and reads its outputs.
+
+    Args:
+        model: the model (its ``forward`` signature, device and dtype are read once).
+        call: ``fn(model, batch) -> output or (output, labels)``; or a ``pkg.module:fn`` /
+            ``file.py:fn`` string naming one. Default: the rules in the module docstring.
+        labels: ``"auto"`` (default), ``"none"`` or ``"last"``, for tuple batches.
+        output_key: which output the metrics read (default: ``logits``, else the first tensor).
+        device: where batches go (default: the model's device).
+    """
+
+    def __init__(self, model: nn.Module, call: Callable | str | None = None, labels: str = "auto",
+                 output_key: str | None = None, device: torch.device | str | None = None) -> None:
+        if labels not in LABEL_MODES:
+            raise DataError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+        self.call_name = "--call"
+        if isinstance(call, str):
+            self.call_name = f"--call {call!r}"
+            call = resolve_call(call)
+        elif call is not None and not callable(call):
+            raise CallError(f"call= must be a callable fn(model, batch), got {type(call).__name__}")
+        self.model_name = type(model).__name__
+        self.call = call
+        self.labels = labels
+        self.output_key = output_key
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.dtype = model_dtype(model)
+        self.keep_ints = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+        self.signature = forward_signature(model)
+
+    # ----------------------------------------------------------------- batches
+
+    def move(self, obj: Any) -> Any:
+        """Every tensor to the device; floating ones to the model's dtype."""
+        def to(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                return t.to(device=self.device, dtype=self.dtype)
+            return t.to(self.device)
+
+        return map_tensors(obj, to)
+
+    def prepare(self, batch: Any, index: int = 0, limit: int | None = None) -> Invocation:
+        """An :class:`Invocation` for ``batch`` (cut to ``limit`` samples when given).
+
+        Raises:
+            DataError: the batch fits none of the rules (a dict whose keys name no parameter
+                of ``forward`` and no inputs key, a type that is not a batch).
+        """
+        raw = unwrap(batch)
+        if limit is not None:
+            raw = cut(raw, limit)
+        raw = self.move(raw)
+        if self.call is not None:
+            labels = None
+            try:
+                labels = self.split(raw, index)[2]
+            except DataError:
+                pass
+            return Invocation(labels=labels, call=self.call, batch=raw, call_name=self.call_name,
+                              index=index)
+        args, kwargs, labels = self.split(raw, index)
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
+                and not args[0].is_floating_point() and not self.keep_ints:
+            # a lone integer input to a model without embeddings is an image stored as ints
+            args = (args[0].to(self.dtype),)
+        return Invocation(args=tuple(args), kwargs=kwargs, labels=labels, index=index)
+
+    def split(self, raw: Any, index: int = 0) -> tuple[tuple, dict, Any]:
+        """``(args, kwargs, labels)`` for one (unwrapped) batch by the rules above."""
+        if isinstance(raw, torch.Tensor):
+            return (raw,), {}, None
+        if isinstance(raw, Mapping):
+            return self._split_dict(raw, index)
+        if isinstance(raw, (tuple, list)) and raw:
+            return self._split_sequence(list(raw))
+        raise DataError(
+            f"batch {index} is a {type(raw).__name__}; a batch is a tensor, a tuple/list or a "
+            "dict of them (or pass --call to say how to call the model)"
+        )
+
+    def _split_dict(self, d: Mapping, index: int) -> tuple[tuple, dict, Any]:
+        from .data import INPUT_KEYS, LABEL_KEYS
+
+        sig = self.signature
+        names = sig.names if sig is not None else frozenset()
+        passed = {k: v for k, v in d.items() if k in names}
+        label_key = next((k for k in LABEL_KEYS if k in d), None)
+        labels = None if self.labels == "none" or label_key is None else d[label_key]
+        if passed:
+            if sig is not None and sig.var_keyword:  # forward(**kwargs) takes the rest too
+                passed.update({k: v for k, v in d.items() if k not in passed and k != label_key})
+            return (), passed, labels
+        x_key = next((k for k in INPUT_KEYS if k in d), None)
+        if x_key is None:
+            takes = sig.text if sig is not None else f"{self.model_name}.forward"
+            raise DataError(
+                f"batch {index} is a dict with keys {', '.join(map(str, list(d)[:8]))}: none names "
+                f"a parameter of {takes} and none is one of {', '.join(INPUT_KEYS)}; rename the "
+                "keys or pass --call"
+            )
+        return (d[x_key],), {}, labels
+
+    def _split_sequence(self, items: list) -> tuple[tuple, dict, Any]:
+        while len(items) > 1 and items[-1] is None:  # (inputs, None): data without labels
+            items = items[:-1]
+        n = len(items)
+        if self.labels == "last" and n > 1:
+            return tuple(items[:-1]), {}, items[-1]
+        if self.labels == "none":
+            return tuple(items), {}, None
+        sig = self.signature
+        if n == 2 and self._nested_inputs(items[0]):
+            # ((inputs...), labels) or ({keyword inputs}, labels): the first item holds the inputs
+            args, kwargs, _ = self.split(items[0])
+            return args, kwargs, items[1]
+        if n == 2 and items[1] is None:
+            return (items[0],), {}, None
+        if n == 1:
+            return (items[0],), {}, None
+        if sig is not None and sig.required == n:
+            return tuple(items), {}, None
+        if sig is not None and sig.required == n - 1 and n > 2:
+            return tuple(items[:-1]), {}, items[-1]
+        return (items[0],), {}, items[1]
+
+    def _nested_inputs(self, first: Any) -> bool:
+        """Whether the first item of a pair is itself the model's inputs (a tuple or dict of
+        them; a list only when ``forward`` takes that many arguments, since a list is also
+        how per-sample images are passed)."""
+        if isinstance(first, (tuple, Mapping)) and not isinstance(first, torch.Tensor):
+            return bool(first)
+        sig = self.signature
+        return (isinstance(first, list) and len(first) > 1 and sig is not None
+                and sig.required == len(first))
+
+    # ----------------------------------------------------------------- outputs
+
+    def logits(self, out: Any) -> torch.Tensor | None:
+        """The output the metrics read (``output_key``, else ``logits``, else the first tensor)."""
+        return pick_output(out, self.output_key)
