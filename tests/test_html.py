@@ -65,7 +65,7 @@ def assert_self_contained(html: str) -> None:
 def test_probe_chart_has_one_mark_per_layer_with_its_values(cli, tmp_path: Path) -> None:
     out = tmp_path / "probe.html"
     res = cli("probe", SAMPLE, "--data", CALIB, "--format", "json", "--report", out)
-    assert res.code == 0, res.err
+    assert res.code == 1, res.err  # the sample model is shifted: probe fails at 1.1x
     doc = json.loads(res.out)  # the same report, as JSON
     html = out.read_text()
     assert_self_contained(html)

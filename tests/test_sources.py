@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import varshift
+from varshift.sources import display_path
 from varshift.reports import SourceLocation
 
 from conftest import REPO
@@ -167,7 +168,7 @@ def test_timm_resnet_drop_path_and_dropblock_lines_inside_timm() -> None:
 
     model = timm.create_model("resnet18", drop_block_rate=0.2, drop_path_rate=0.1)
     report = varshift.scan(model)
-    timm_file = str(Path(inspect.getsourcefile(BasicBlock)).resolve())
+    timm_file = display_path(inspect.getsourcefile(BasicBlock))  # relative inside the cwd
     drop_path = report.regularizer("layer1.1.drop_path")
     assert drop_path.source == SourceLocation(
         timm_file, line_of(BasicBlock.forward, "x = self.drop_path(x)"), "forward")
@@ -190,7 +191,7 @@ def test_torchvision_densenet_functional_dropout_line() -> None:
 
     model = torchvision.models.densenet121(weights=None, drop_rate=0.2)
     report = varshift.scan(model)
-    tv_file = str(Path(inspect.getsourcefile(_DenseLayer)).resolve())
+    tv_file = display_path(inspect.getsourcefile(_DenseLayer))  # relative inside the cwd
     reg = report.regularizer("features.denseblock2.denselayer3:dropout")
     assert reg.source == SourceLocation(
         tv_file, line_of(_DenseLayer.forward, "F.dropout("), "forward")

@@ -170,17 +170,16 @@ class InputStats:
         return self
 
 
-_UNSET = -1.0  # sentinel in a scratch running_var: variances are never negative
-
-
 class BatchStats:
     """Population moments from train-mode norms' own batch statistics (see ScratchStats).
 
     A post-hook merges the batch mean and unbiased variance that BatchNorm left in the scratch
-    buffers. On a norm's first call a pre-hook marks the scratch variance with a sentinel, to
-    learn whether the norm updates its running statistics at all; one that does not (a custom
-    subclass) is measured from its input instead. Checking only once keeps a GPU from
-    synchronizing on every norm of every batch.
+    buffers. On a norm's first call the pre-hook keeps a copy of the scratch variance, to learn
+    whether the norm updates its running statistics at all; one that does not (a custom
+    subclass, a frozen norm, ``momentum=0``) is measured from its input instead. (A sentinel
+    written into the buffer would be read by a norm that normalizes with its running
+    statistics in training too, such as ``FrozenBatchNorm2d``.) Checking only once keeps a GPU
+    from synchronizing on every norm of every batch.
     """
 
     def __init__(self, scratch: ScratchStats, names=None) -> None:
@@ -192,6 +191,7 @@ class BatchStats:
         self.updates_stats: dict[str, bool] = {}
         self.active = True
         self._single: set[str] = set()  # norms running this call in eval mode (one value)
+        self._before: dict[str, torch.Tensor] = {}  # scratch variance before the first call
 
     def _pre(self, name: str):
         def hook(module, args):
@@ -206,7 +206,7 @@ class BatchStats:
                 self._single.add(name)
                 return
             if name not in self.updates_stats:
-                self.scratch.batch_stats(name)[1].fill_(_UNSET)
+                self._before[name] = self.scratch.batch_stats(name)[1].clone()
 
         return hook
 
@@ -223,7 +223,8 @@ class BatchStats:
             mean, var = self.scratch.batch_stats(name)
             updates = self.updates_stats.get(name)
             if updates is None:
-                updates = self.updates_stats[name] = not bool((var < 0).any())
+                updates = not torch.equal(var, self._before.pop(name))
+                self.updates_stats[name] = updates
             if updates:
                 n = input_count(x)
                 self.moments[name].merge(n, mean, var.double() * (n - 1))

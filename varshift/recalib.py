@@ -419,6 +419,7 @@ def _exact(model, cal, prepare, norms, targets, graph, progress, cache_mb, exact
         memory = tuple(max(values) for values in zip(*d.exchange(memory)))
     return 1, n_batches, ExactInfo(
         path="frontier", reason=None, cuts=done.cuts, cache_mb=budget,
+        default_budget=cache_mb is None,
         peak_mb=memory[0], kept_mb=memory[1], spilled_mb=memory[2])
 
 

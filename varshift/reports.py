@@ -501,6 +501,8 @@ class ExactInfo:
         peak_mb: the largest total of those activations over all batches at one cut (MiB).
         kept_mb: the most of them held in memory at once (MiB; within ``cache_mb``).
         spilled_mb: how much of it went to a temporary directory because it did not fit (MiB).
+        default_budget: ``cache_mb`` was the default (half the available memory, which
+            depends on the machine), not given by the caller.
     """
 
     path: str
@@ -510,6 +512,7 @@ class ExactInfo:
     peak_mb: float | None = None
     kept_mb: float | None = None
     spilled_mb: float | None = None
+    default_budget: bool = False
 
     def note(self) -> str:
         """One line for the report's notes."""
@@ -517,9 +520,13 @@ class ExactInfo:
             return f"exact estimator: one pass per dependency level, because {self.reason}"
         cache_mb = self.cache_mb or 0.0
         budget = f"{cache_mb:.0f}" if cache_mb >= 10 else f"{cache_mb:g}"
+        # the default depends on the machine's free memory: the text (which README examples
+        # and CI logs show) says which budget without the machine's number
+        within = ("within the default budget, half the available memory" if self.default_budget
+                  else f"--cache-mb {budget}")
         text = (f"exact estimator: one pass over the data, cut before each of {self.cuts} "
                 f"norms on the torch.fx graph; activations kept at a cut: at most "
-                f"{self.peak_mb:.1f} MiB (--cache-mb {budget})")
+                f"{self.peak_mb:.1f} MiB ({within})")
         if self.spilled_mb:
             text += (f"; over the budget, {self.spilled_mb:.1f} MiB went through a temporary "
                      "directory (slower; raise --cache-mb to avoid it)")
