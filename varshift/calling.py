@@ -474,3 +474,26 @@ class Caller:
     def logits(self, out: Any) -> torch.Tensor | None:
         """The output the metrics read (``output_key``, else ``logits``, else the first tensor)."""
         return pick_output(out, self.output_key)
+
+
+def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any:
+    """Run the model on a tensor or an :class:`Invocation`; its errors become a DataError
+    that names the inputs (the estimators' one way of running the user's model)."""
+    from .inputs import fit_error
+    from .norms import StopForward
+
+    try:
+        return x.run(model) if isinstance(x, Invocation) else model(x)
+    except (DataError, StopForward):
+        raise
+    except Exception as exc:  # the user's model rejected the batch
+        if "more than 1 value per channel" in str(exc):
+            raise DataError(
+                f"batch {index} has {_samples(x)} sample(s): a train-mode BatchNorm needs more "
+                "than one value per channel; use --batch-size 2 or more"
+            ) from exc
+        raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
+
+
+def _samples(x: "torch.Tensor | Invocation") -> int:
+    return x.samples if isinstance(x, Invocation) else int(x.shape[0])

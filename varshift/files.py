@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Union
 
+from ._types import Progress
 from .errors import VarshiftError
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from .reports import ParityResult, ProbeReport, RecalibrationReport, ScanReport, SwapReport
 
 PathLike = Union[str, "os.PathLike[str]"]
-Progress = Callable[[int, "int | None"], None]
 
 #: The shift at or above which a layer counts as shifted (probe's and recalibrate's default
 #: ``fail_above``): the same line the reports' verdicts draw.

@@ -16,60 +16,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.nn as nn
 
 from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
-from .calling import Caller, Invocation
+from ._types import Progress
+from .calling import Caller, forward
 from .data import as_batches, peek
-from .errors import DataError, TraceError
-from .inputs import fit_error
-from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
+from .norms import BatchStats, InputStats, ScratchStats, norm_modules, per_process_norms
 from .reports import LayerShift, ProbeReport
+from .rules import scan_for
 from .stats import ChannelMoments, require_finite, shift_ratio
 
 if TYPE_CHECKING:
-    from .graph import DataflowGraph
-    from .reports import ScanReport
+    pass
 
 #: Unaffected layers whose train-mode variance differs from their running variance by more
 #: than this factor suggest calibration data unlike the training data.
 MISMATCH = 1.25
-
-Progress = Callable[[int, "int | None"], None]
-
-
-def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any:
-    """Run the model on a tensor or an :class:`~varshift.calling.Invocation`; its errors
-    become a DataError that names the inputs."""
-    try:
-        return x.run(model) if isinstance(x, Invocation) else model(x)
-    except (DataError, StopForward):
-        raise
-    except Exception as exc:  # the user's model rejected the batch
-        if "more than 1 value per channel" in str(exc):
-            raise DataError(
-                f"batch {index} has {_samples(x)} sample(s): a train-mode BatchNorm needs more "
-                "than one value per channel; use --batch-size 2 or more"
-            ) from exc
-        raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
-
-
-def _samples(x: "torch.Tensor | Invocation") -> int:
-    return x.samples if isinstance(x, Invocation) else int(x.shape[0])
-
-
-def scan_for(model: nn.Module, x: "torch.Tensor | Invocation") -> "tuple[ScanReport, DataflowGraph]":
-    """Scan the model (and return the graph), tracing dynamically on ``x`` (a tensor is cut
-    to ``x[:1]``) if fx cannot; errors name the data."""
-    from .rules import scan_traced
-
-    try:
-        return scan_traced(model, x[:1] if isinstance(x, torch.Tensor) else x)
-    except TraceError as exc:
-        raise fit_error(model, x, exc.__cause__ or exc) from exc
 
 
 def probe(

@@ -35,14 +35,15 @@ import torch.nn.functional as F
 
 from . import distributed, frontier
 from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
-from .calling import Caller
+from ._types import Progress
+from .calling import Caller, forward
 from .data import as_batches, peek
 from .errors import VarshiftError
 from .frontier import check_cache_mb
 from .graph import NORM, DataflowGraph
 from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
-from .probing import Progress, forward, scan_for
 from .reports import ExactInfo, LayerFix, Metrics, RecalibrationReport
+from .rules import scan_for
 from .stats import ChannelMoments, require_finite, require_spread, shift_ratio
 
 

@@ -74,6 +74,21 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
     return report
 
 
+def scan_for(model: "nn.Module", x: Any) -> tuple[ScanReport, DataflowGraph]:
+    """:func:`scan_traced` for the estimators: traces dynamically on ``x`` (a tensor is cut
+    to ``x[:1]``; an :class:`~varshift.calling.Invocation` runs whole) if fx cannot; errors
+    name the data."""
+    import torch
+
+    from .errors import TraceError
+    from .inputs import fit_error
+
+    try:
+        return scan_traced(model, x[:1] if isinstance(x, torch.Tensor) else x)
+    except TraceError as exc:
+        raise fit_error(model, x, exc.__cause__ or exc) from exc
+
+
 def scan_traced(
     model: "nn.Module", example_input: Any = None
 ) -> tuple[ScanReport, DataflowGraph]:
