@@ -179,13 +179,34 @@ class Dist:
     def merge_moments(self, moments: dict[str, Any]) -> None:
         """Replace each :class:`~varshift.stats.ChannelMoments` in ``moments`` (same names on
         every rank) by the merge over all ranks, in rank order, identical on every rank."""
+        if self.active:
+            self._merge(moments, self.exchange(self._packed(moments)))
+
+    def merge_stats(self, stats: Any, n_batches: int = 0) -> int:
+        """Merge a hook collector's ``moments`` across ranks, and its per-norm ``calls`` and
+        first-call ``order`` when it keeps them, in one exchange; returns the total batch
+        count. (One exchange, not one per kind: the exact estimator merges once per norm.)"""
         if not self.active:
-            return
+            return n_batches
+        calls = getattr(stats, "calls", {})
+        order = getattr(stats, "order", None)
+        everyone = self.exchange((self._packed(stats.moments), n_batches, calls, order))
+        self._merge(stats.moments, [packed for packed, *_ in everyone])
+        calls.update({n: sum(int(c.get(n, 0)) for _, _, c, _ in everyone) for n in calls})
+        if order is not None:
+            stats.order = list(dict.fromkeys(n for *_, o in everyone for n in o))
+        return sum(int(n) for _, n, _, _ in everyone)
+
+    @staticmethod
+    def _packed(moments: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        names = sorted(moments)
+        return names, [_pack(moments[n]) for n in names]
+
+    @staticmethod
+    def _merge(moments: dict[str, Any], everyone: list[Any]) -> None:
         from .stats import ChannelMoments
 
         names = sorted(moments)
-        mine = [_pack(moments[n]) for n in names]
-        everyone = self.exchange((names, mine))
         if any(their_names != names for their_names, _ in everyone):
             raise VarshiftError("the ranks measured different BatchNorm layers; run the same "
                                 "model on every rank")
@@ -200,21 +221,6 @@ class Dist:
             target.count = merged.count
             target.mean = None if merged.mean is None else merged.mean.to(device)
             target.m2 = None if merged.m2 is None else merged.m2.to(device)
-
-    def merge_stats(self, stats: Any, n_batches: int = 0) -> int:
-        """Merge a hook collector's ``moments`` across ranks, and its per-norm ``calls`` and
-        first-call ``order`` when it keeps them; returns the total batch count."""
-        if not self.active:
-            return n_batches
-        self.merge_moments(stats.moments)
-        calls = getattr(stats, "calls", {})
-        counts = self.sum_counts({("run", "batches"): n_batches,
-                                  **{("calls", n): c for n, c in calls.items()}})
-        calls.update({n: counts[("calls", n)] for n in calls})
-        if hasattr(stats, "order"):
-            orders = self.exchange(stats.order)
-            stats.order = list(dict.fromkeys(n for order in orders for n in order))
-        return counts[("run", "batches")]
 
     def sum_counts(self, values: dict[Any, int]) -> dict[Any, int]:
         """Per-key sums of integer counters (calls, samples, batches) over all ranks."""
