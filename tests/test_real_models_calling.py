@@ -11,29 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import varshift
 
 import arch_helpers as H
+from fixtures.calling_models import trained
 
 pytestmark = [pytest.mark.arch, pytest.mark.slow]
-
-
-def warmed(model: nn.Module, batches, call, seed: int = 1) -> nn.Module:
-    """Running statistics recorded in training (dropout on): cumulative averages."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        model.train()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        for b in batches:
-            call(model, b)
-    for m in norms:
-        m.momentum = 0.1
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- transformers
@@ -63,7 +47,7 @@ def test_hugging_face_efficientnet_with_pixel_values(tmp_path):
     assert {n.name for n in scan.norms if n.affected} == truth.all_on
     assert len(truth.all_on) >= 10 and scan.traced_with == "dynamic"
 
-    model = warmed(model, hf_batches(6, seed=5), lambda m, b: m(pixel_values=b["pixel_values"]))
+    model = trained(model, hf_batches(6, seed=5), lambda m, b: m(pixel_values=b["pixel_values"]))
     data = hf_batches(3, seed=7)
     before = varshift.probe(model, data)
     assert max(l.shift for l in before.layers if l.affected) > 1.05
