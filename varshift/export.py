@@ -275,7 +275,9 @@ def _flat_module_class():
             for i, t in zip(self.slots, flat):
                 leaves[i] = t
             args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-            return tuple(_flatten(self.model(*args, **kwargs)))
+            from .calling import tensors
+
+            return tuple(tensors(self.model(*args, **kwargs)))
 
     return FlatInputs
 
@@ -473,19 +475,6 @@ def _captured_output() -> Iterator[_Log]:
 # --------------------------------------------------------------------------- parity
 
 
-def _flatten(value: Any) -> list[torch.Tensor]:
-    """The tensors in a model output: a tensor, (nested) tuples / lists, or dicts in order."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flatten(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _flatten(v)]
-    return []  # None, ints, strings: not graph outputs
-
-
 def _session(path: Path):
     import onnxruntime as ort
 
@@ -501,6 +490,8 @@ def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
             atol: float, rtol: float) -> ParityResult:
     import onnx
     import torch
+
+    from .calling import tensors
 
     runs: list[tuple[str, tuple]] = []
     if batch_list:
@@ -523,7 +514,7 @@ def _parity(model: nn.Module, path: Path, example: tuple, batch_list: list,
     with torch.no_grad(), _captured_output():
         for check, (label, inputs) in zip(checks, runs):
             try:
-                references.append([t.detach().cpu() for t in _flatten(model(*inputs))])
+                references.append([t.detach().cpu() for t in tensors(model(*inputs))])
             except Exception as exc:
                 if label.startswith("calibration"):
                     from .errors import DataError
