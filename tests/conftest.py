@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,42 @@ def _validate_if_report(text: str) -> None:
         return
     if isinstance(doc, dict) and str(doc.get("schema", "")).startswith("varshift."):
         validate_document(doc)
+
+
+def signal_mid_recalibrate(tmp_path: Path, sig: int, *, start_timeout: float,
+                           settle: float) -> tuple[int, str]:
+    """Run ``python -m varshift recalibrate`` on a slow data callable in a real subprocess,
+    send it ``sig`` once it is ``settle`` seconds into reading its data, and return its exit
+    code and stderr. The model is ``tmp_path/model.pt``, the output ``tmp_path/fixed.pt``
+    and the marker the data callable writes ``tmp_path/started``."""
+    import torch
+
+    from fixtures import fix_models as FM
+
+    torch.manual_seed(0)
+    model, out = tmp_path / "model.pt", tmp_path / "fixed.pt"
+    torch.save(FM.chain3(), model)
+    marker = tmp_path / "started"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "varshift", "recalibrate", model, "--output", out,
+         "--data", f"{TESTS / 'fixtures' / 'fix_models.py'}:slow_batches"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(VARSHIFT_TEST_MARKER=str(marker), OMP_NUM_THREADS="1"),
+    )
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never started reading data"
+            time.sleep(0.05)
+        time.sleep(settle)
+        assert proc.poll() is None, "the run finished before the signal"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
 
 
 @pytest.fixture

@@ -13,9 +13,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import varshift
-from conftest import REPO, TESTS, Result, subprocess_env
+from conftest import REPO, TESTS, Result, signal_mid_recalibrate
 from fixtures import fix_models as FM
 from varshift.cli import main
 from varshift.loading import load_model
@@ -426,32 +423,11 @@ def test_data_that_does_not_fit_the_model(cli, small) -> None:
 
 def test_interrupt_leaves_nothing(tmp_path: Path) -> None:
     """SIGINT in the middle of a real run: exit 130, no output, no temporary file."""
-    torch.manual_seed(0)
-    model, out = tmp_path / "model.pt", tmp_path / "fixed.pt"
-    torch.save(FM.chain3(), model)
-    marker = tmp_path / "started"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "varshift", "recalibrate", model, "--output", out,
-         "--data", f"{TESTS / 'fixtures' / 'fix_models.py'}:slow_batches"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=subprocess_env(VARSHIFT_TEST_MARKER=str(marker), OMP_NUM_THREADS="1"),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run never started reading data"
-            time.sleep(0.05)
-        time.sleep(0.5)  # well inside the run (60 batches x 50 ms per pass, several passes)
-        assert proc.poll() is None, "the run finished before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    # 0.5 s: well inside the run (60 batches x 50 ms per pass, several passes)
+    returncode, err = signal_mid_recalibrate(tmp_path, signal.SIGINT, start_timeout=60, settle=0.5)
+    assert returncode == 130, err
     assert "Traceback" not in err
-    assert not out.exists()
+    assert not (tmp_path / "fixed.pt").exists()
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "started"]
 

@@ -22,7 +22,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TESTS, Result, subprocess_env
+from conftest import TESTS, Result, signal_mid_recalibrate, subprocess_env
 from fixtures import edge_models as EM
 from varshift.cli import main
 
@@ -290,31 +289,8 @@ def test_signal_while_writing_exits_and_leaves_no_temp(tmp_path, monkeypatch, na
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_from_outside_mid_run(tmp_path, sig, code):
     """A real signal from another process while recalibrate streams its data."""
-    from fixtures import fix_models as FM
-
-    model, out = tmp_path / "model.pt", tmp_path / "fixed.pt"
-    torch.save(FM.chain3(), model)
-    marker = tmp_path / "started"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "varshift", "recalibrate", model, "--output", out,
-         "--data", f"{TESTS / 'fixtures' / 'fix_models.py'}:slow_batches"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=subprocess_env(VARSHIFT_TEST_MARKER=str(marker), OMP_NUM_THREADS="1"),
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run never started reading data"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert proc.poll() is None, "the run finished before the signal"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == code, err
+    returncode, err = signal_mid_recalibrate(tmp_path, sig, start_timeout=90, settle=0.3)
+    assert returncode == code, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "started"]
 
