@@ -62,7 +62,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     group: Any = None
-    bytes_sent: int = 0
     #: ``announced``: this rank's failure was sent; ``closed``: the last collective is over.
     announced: bool = field(default=False, repr=False)
     closed: bool = field(default=False, repr=False)
@@ -89,7 +88,6 @@ class Dist:
 
         item = (tag, body)
         size = len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
-        self.bytes_sent += size
         TRAFFIC["bytes_sent"] += size
         TRAFFIC["collectives"] += 1
         gathered: list[Any] = [None] * self.world
@@ -176,12 +174,6 @@ class Dist:
 
     # ------------------------------------------------------------------ merges
 
-    def merge_moments(self, moments: dict[str, Any]) -> None:
-        """Replace each :class:`~varshift.stats.ChannelMoments` in ``moments`` (same names on
-        every rank) by the merge over all ranks, in rank order, identical on every rank."""
-        if self.active:
-            self._merge(moments, self.exchange(self._packed(moments)))
-
     def merge_stats(self, stats: Any, n_batches: int = 0) -> int:
         """Merge a hook collector's ``moments`` across ranks, and its per-norm ``calls`` and
         first-call ``order`` when it keeps them, in one exchange; returns the total batch
@@ -229,15 +221,6 @@ class Dist:
         everyone = self.exchange(dict(values))
         return {k: sum(int(d.get(k, 0)) for d in everyone) for k in values}
 
-    def sum_floats(self, values: list[float]) -> list[float]:
-        """Element-wise sums over all ranks, added in rank order (identical everywhere)."""
-        if not self.active:
-            return list(values)
-        everyone = self.exchange([float(v) for v in values])
-        out = [0.0] * len(values)
-        for vals in everyone:
-            out = [a + b for a, b in zip(out, vals)]
-        return out
 
 
 def outcome(exc: BaseException, rank: int = 0) -> tuple[int, str]:
