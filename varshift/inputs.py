@@ -88,24 +88,6 @@ def _what(x) -> str:
     return f"inputs {describe(x)}"
 
 
-def input_preparer(model: nn.Module, device: torch.device | None = None):
-    """A function that moves a batch to the model's device (or ``device``) and dtype.
-
-    Floating inputs (and integer images) take the model's floating dtype; integer inputs stay
-    integers for models that embed tokens (``nn.Embedding``).
-    """
-    device = device or model_device(model)
-    dtype = model_dtype(model)
-    keep_ints = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        if keep_ints and not x.is_floating_point():
-            return x.to(device)
-        return x.to(device=device, dtype=dtype)
-
-    return prepare
-
-
 def check_example(model: nn.Module, x: torch.Tensor) -> None:
     """Run ``model`` once on the example input ``x`` (eval mode, no grad; modes and the
     global RNG restored), so that an example that does not fit the model is an error even
