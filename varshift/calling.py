@@ -325,7 +325,7 @@ def resolve_call(spec: str) -> Callable:
     Raises:
         CallError: the spec does not name a callable.
     """
-    from .loading import resolve_arch
+    from .io.loading import resolve_arch
 
     try:
         return resolve_arch(spec)
@@ -415,7 +415,7 @@ class Caller:
         )
 
     def _split_dict(self, d: Mapping, index: int) -> tuple[tuple, dict, Any]:
-        from .data import INPUT_KEYS, LABEL_KEYS
+        from .io.data import INPUT_KEYS, LABEL_KEYS
 
         sig = self.signature
         names = sig.names if sig is not None else frozenset()
@@ -479,8 +479,8 @@ class Caller:
 def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any:
     """Run the model on a tensor or an :class:`Invocation`; its errors become a DataError
     that names the inputs (the estimators' one way of running the user's model)."""
-    from .inputs import fit_error
-    from .norms import StopForward
+    from .io.inputs import fit_error
+    from .measure.norms import StopForward
 
     try:
         return x.run(model) if isinstance(x, Invocation) else model(x)

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from ._io import atomic_path, check_output_path, is_write_failure
 from .errors import ExportError, OutputError, VarshiftError, one_line
-from .reports import ParityCheck, ParityResult
+from .io.atomic import atomic_path, check_output_path, is_write_failure
+from .report.results import ParityCheck, ParityResult
 
 if TYPE_CHECKING:  # torch, onnx and onnxruntime are imported lazily (so that `varshift --help` stays instant)
     import numpy as np
@@ -216,7 +216,7 @@ def _flat_batches(work: nn.Module, batches: Iterable[Any] | None,
 
     if batches is None:
         return work, []
-    from .data import LABEL_KEYS
+    from .io.data import LABEL_KEYS
 
     caller = Caller(work, labels=labels, device="cpu")
     invocations = []

@@ -34,8 +34,8 @@ from .errors import VarshiftError
 if TYPE_CHECKING:
     import torch
 
-    from .loading import LoadedModel
-    from .reports import ParityResult, ProbeReport, RecalibrationReport, ScanReport, SwapReport
+    from .io.loading import LoadedModel
+    from .report.results import ParityResult, ProbeReport, RecalibrationReport, ScanReport, SwapReport
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -96,8 +96,8 @@ def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None
     ``pkg.module:fn`` specs, through symlinks and hard links), and no two outputs are the same
     file. See :func:`varshift._io.check_outputs`. Under torchrun only rank 0 checks: it alone
     writes (its node may be the only one that has the output folder)."""
-    from ._io import check_outputs
-    from .distributed import env_rank
+    from .io.atomic import check_outputs
+    from .measure.distributed import env_rank
 
     if env_rank() == 0:
         check_outputs(inputs, *outputs)
@@ -110,7 +110,7 @@ def _outputs_together(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ._io import transaction
+        from .io.atomic import transaction
 
         with transaction():
             return fn(*args, **kwargs)
@@ -120,7 +120,7 @@ def _outputs_together(fn: Callable) -> Callable:
 
 def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
           trust: bool) -> "LoadedModel":
-    from .loading import load_model, parse_arch_args
+    from .io.loading import load_model, parse_arch_args
 
     args = parse_arch_args(arch_args) if isinstance(arch_args, str) or arch_args is None else arch_args
     return load_model(model, arch=arch, arch_args=args, trust=trust)
@@ -128,7 +128,7 @@ def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
 
 def _data(spec: PathLike, batch_size: int, max_batches: int | None,
           max_samples: int | None = None):
-    from .data import load_data
+    from .io.data import load_data
 
     return load_data(spec, batch_size=batch_size, max_batches=max_batches,
                      max_samples=max_samples)
@@ -145,20 +145,20 @@ def _start(device: "str | torch.device | None", backend: str | None):
     """``(device, Dist)``: under torchrun, the process group is started first (so that a
     failure on one rank reaches every rank) and CUDA means ``cuda:LOCAL_RANK`` (see
     :func:`varshift.distributed.join`); otherwise one process, ``device`` as resolved."""
-    from .distributed import join
+    from .measure.distributed import join
 
     d, dev = join(resolve_device(device), backend)
     return dev, d
 
 
 def _shard(cal, d):
-    from .distributed import shard_data
+    from .measure.distributed import shard_data
 
     return None if cal is None else shard_data(cal, d)
 
 
 def _note_sharding(rep, cal, d) -> None:
-    from .distributed import sharding_note
+    from .measure.distributed import sharding_note
 
     note = sharding_note(cal, d)
     if note:
@@ -212,7 +212,7 @@ def scan_file(
         raise VarshiftError("--input-shape and --data both give the example input; pass one")
     _check_outputs((model, arch, data, call), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
-    from .inputs import example_input
+    from .io.inputs import example_input
     from .rules import scan
 
     example = example_input(loaded.module, shape) if shape else None
@@ -260,7 +260,7 @@ def probe_file(
     _check_outputs((model, data, arch, call), ("--report", report))
     loaded = _load(model, arch, arch_args, trust)
     batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
-    from .probing import probe
+    from .measure.probing import probe
 
     rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
                 threshold=fail_above, call=call, labels=labels)
@@ -334,8 +334,8 @@ def recalibrate_file(
     loaded = _load(model, arch, arch_args, trust)
     batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
     held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
-    from .recalib import recalibrate
-    from .saving import norm_buffer_keys, save_like
+    from .fix.recalibration import recalibrate
+    from .io.saving import norm_buffer_keys, save_like
 
     fixed, rep = recalibrate(
         loaded.module.to(dev), batches, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
@@ -412,13 +412,13 @@ def swap_file(
     loaded = _load(model, arch, arch_args, trust)
     batches = _shard(_data(data, batch_size, max_batches, max_samples) if data else None, d)
     held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
-    from ._io import write_with
-    from .inputs import example_input
-    from .swapping import swap
+    from .fix.swapping import swap
+    from .io.atomic import write_with
+    from .io.inputs import example_input
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
     if example is not None:
-        from .inputs import check_example
+        from .io.inputs import check_example
 
         check_example(loaded.module, example)  # swap's fx trace would not run it
     if example is None and batches is not None:
@@ -427,7 +427,7 @@ def swap_file(
     swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example,
                         call=call, labels=labels)
     if batches is not None:
-        from .recalib import recalibrate
+        from .fix.recalibration import recalibrate
 
         swapped, rep.recalibration = recalibrate(
             swapped.to(dev), batches, exact=exact, cache_mb=cache_mb, inplace=True,
@@ -497,7 +497,7 @@ def export_file(
     loaded = _load(model, arch, arch_args, trust)
     batches = _data(data, batch_size, max_batches, max_samples) if data else None
     from .export import export_onnx
-    from .inputs import example_input
+    from .io.inputs import example_input
 
     example = example_input(loaded.module, shape, seed=seed) if shape else None
     rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol,

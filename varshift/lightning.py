@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - the standalone package
         raise ImportError(
             "varshift.lightning needs Lightning: pip install 'varshift[lightning]'") from exc
 
-from ._io import write_text_atomic
-from .reports import RecalibrationReport
+from .io.atomic import write_text_atomic
+from .report.results import RecalibrationReport
 
 
 class RecalibrateBatchNorm(Callback):
@@ -104,7 +104,7 @@ class RecalibrateBatchNorm(Callback):
         return os.path.join(folder, self.REPORT_NAME)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        from .recalib import recalibrate
+        from .fix.recalibration import recalibrate
 
         _, report = recalibrate(
             pl_module, self._batches(trainer), exact=self.exact, all_norms=self.all_norms,

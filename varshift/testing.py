@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .reports import ProbeReport, ScanReport, severity_rank
+from .report.results import ProbeReport, ScanReport, severity_rank
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ def assert_no_variance_shift(
             regularizers upstream) and how to fix them.
     """
     __tracebackhide__ = True  # pytest: show the message, not this frame
-    from .probing import probe
+    from .measure.probing import probe
 
     if not max_shift >= 1.0:
         raise ValueError(f"max_shift must be a ratio >= 1.0, got {max_shift}")

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import VarshiftError
+from ..errors import VarshiftError
 
 #: Seconds a collective may wait for the other ranks (env ``VARSHIFT_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT = 1800.0
@@ -432,8 +432,8 @@ def shard_data(cal: Any, d: Dist) -> Any:
     """
     if not d.active or getattr(cal, "rank_aware", False):
         return cal
-    from .data import Calibration
-    from .errors import DataError
+    from ..errors import DataError
+    from ..io.data import Calibration
 
     total = cal.n_batches
     if total is not None and cal.max_batches is not None:

@@ -26,8 +26,8 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as _click
 
-from ._version import __version__
-from .errors import VarshiftError
+from .._version import __version__
+from ..errors import VarshiftError
 
 app = typer.Typer(
     name="varshift",
@@ -285,9 +285,9 @@ def _warn(message: str) -> None:
 
 def _emit(rep: Any, out: OutputOptions) -> int:
     """Render ``rep`` (stdout, and --report); the exit code: 0 when ``bool(rep)``, else 1."""
-    from ._io import write_text_atomic
-    from .distributed import env_rank
-    from .render import format_for_path, make_console, render_to_string, text
+    from ..io.atomic import write_text_atomic
+    from ..measure.distributed import env_rank
+    from ..report.render import format_for_path, make_console, render_to_string, text
 
     if env_rank() != 0:  # under torchrun, rank 0 speaks for all (every rank has the report)
         return 0 if rep else 1
@@ -354,7 +354,7 @@ def scan(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
-    from .files import scan_file
+    from ..files import scan_file
 
     return _emit(scan_file(model, input_shape=input_shape, data=data, call=call,
                            labels=labels.value, fail_on=fail_on.value, report=out.report,
@@ -375,7 +375,7 @@ def probe(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Measure each BatchNorm layer's variance shift on calibration data."""
-    from .files import probe_file
+    from ..files import probe_file
 
     with _Progress("probing", out.quiet) as progress:
         rep = probe_file(model, data, seed=seed, fail_above=fail_above, report=out.report,
@@ -419,7 +419,7 @@ def recalibrate(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Recompute BatchNorm statistics with dropout off; write the model in its own form."""
-    from .files import recalibrate_file
+    from ..files import recalibrate_file
 
     if seed is not None:
         _warn("--seed does nothing for recalibrate (it draws nothing at random) and will be removed")
@@ -457,7 +457,7 @@ def swap(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Replace the dropout-like layers that reach a BatchNorm with Uout."""
-    from .files import swap_file
+    from ..files import swap_file
 
     with _Progress("recalibrating", out.quiet) as progress:
         rep = swap_file(
@@ -486,10 +486,10 @@ def export(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Export to ONNX (eval mode, dynamic batch) and check the outputs in onnxruntime."""
-    from .files import export_file
+    from ..files import export_file
 
     if data_opts.device is not None:
-        from .files import resolve_device
+        from ..files import resolve_device
 
         resolve_device(data_opts.device)  # refused where unavailable, as by every command
         _warn("--device does nothing for export (the export and its check run on the CPU) "
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             code, line = _outcome(argv)
         except _Terminated as exc:  # arrived outside the command
             code, line = _terminated(exc.signum)
-        dist = sys.modules.get("varshift.distributed")  # imported only if a command got there
+        dist = sys.modules.get("varshift.measure.distributed")  # imported only if a command got there
         d = dist.session() if dist is not None else None
         if dist is not None and d is not None:
             code, line = d.finish(code, line)
@@ -578,7 +578,7 @@ def _terminated(signum: int) -> tuple[int, str]:
 
 
 def _outputs_state() -> str:
-    from ._io import outputs_committed
+    from ..io.atomic import outputs_committed
 
     return ("it arrived after the outputs were complete" if outputs_committed()
             else "no output was written")
@@ -586,7 +586,7 @@ def _outputs_state() -> str:
 
 def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     """Run the command: its exit code and the one line for stderr (None when silent)."""
-    from ._io import transaction
+    from ..io.atomic import transaction
 
     command = typer.main.get_command(app)
     try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch, one_line
+from ..errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch, one_line
 
 #: Checkpoint keys that hold the model's state dict, in order of preference.
 STATE_DICT_KEYS = (
@@ -86,7 +86,7 @@ def safe_classes() -> list[type]:
     """Every ``torch.nn`` module class plus varshift's own, for ``torch.serialization``."""
     import torch.nn as nn
 
-    from .uout import Uout
+    from ..uout import Uout
 
     found: set[type] = {Uout, nn.Parameter}
     stack = [nn.Module]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._torch_utils import model_device, model_dtype
+from .._torch_utils import model_device, model_dtype
 
 
 def example_input(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -46,7 +46,7 @@ def shape_hint(model: nn.Module) -> str | None:
     """An ``--input-shape`` for the model, from its first weighted layer: ``1,22,256`` for an
     EEG net whose first layer is ``Conv1d(22, ...)``, ``1,3,224,224`` for an image net; None
     when the model takes something a shape cannot describe (token ids, several inputs)."""
-    from .calling import forward_signature
+    from ..calling import forward_signature
 
     sig = forward_signature(model)
     if sig is not None and sig.required > 1:
@@ -67,7 +67,7 @@ def shape_hint(model: nn.Module) -> str | None:
 
 def fit_error(model: nn.Module, x, exc: BaseException, where: str = "DATA"):
     """A one-line DataError for inputs (a tensor or an Invocation) that do not fit ``model``."""
-    from .errors import DataError, one_line
+    from ..errors import DataError, one_line
 
     detail = one_line(exc, 240)
     expected = expected_input(model)
@@ -78,7 +78,7 @@ def fit_error(model: nn.Module, x, exc: BaseException, where: str = "DATA"):
 
 
 def _what(x) -> str:
-    from .calling import Invocation, describe
+    from ..calling import Invocation, describe
 
     if isinstance(x, Invocation) and x.call is None and len(x.args) == 1 and not x.kwargs \
             and isinstance(x.args[0], torch.Tensor):
@@ -96,7 +96,7 @@ def check_example(model: nn.Module, x: torch.Tensor) -> None:
     Raises:
         DataError: the model does not run on ``x`` (one line naming its shape).
     """
-    from ._torch_utils import preserved_modes
+    from .._torch_utils import preserved_modes
 
     with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
         model.eval()

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from ._io import write_with
+from .atomic import write_with
 from .loading import LoadedModel
 
 

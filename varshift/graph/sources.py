@@ -26,12 +26,12 @@ import textwrap
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .reports import SourceLocation
+from ..report.results import SourceLocation
 
 if TYPE_CHECKING:
     import torch.nn as nn
 
-_VARSHIFT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_VARSHIFT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import OutputError
+from ..errors import OutputError
 
 #: Errors that mean "this place cannot take the file", whatever the file is. (Permissions
 #: and missing folders are checked before any work; an ENOENT deep inside an exporter is

@@ -36,9 +36,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import DataError, VarshiftError
-from .inputs import fit_error
-from .stats import ChannelMoments
+from ..errors import DataError, VarshiftError
+from ..io.inputs import fit_error
+from ..measure.stats import ChannelMoments
 
 #: Fraction of the memory available when the run starts that the frontier may use by default.
 DEFAULT_CACHE_FRACTION = 0.5
@@ -147,7 +147,7 @@ def plan(model: nn.Module, targets: list[str]) -> FrontierPlan | str:
         A :class:`FrontierPlan`, or a one-line reason why the model needs the per-level
         estimator instead.
     """
-    from .graph import _fx_trace
+    from ..graph import _fx_trace
 
     try:
         # The graph alone: a GraphModule would also generate and compile code never run.

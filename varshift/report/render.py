@@ -17,7 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .reports import ScanReport, plural
+from .results import ScanReport, plural
 
 FORMATS = ("text", "json", "markdown", "sarif", "html")
 
@@ -294,7 +294,7 @@ def _(report: ScanReport) -> str:
 
 # --------------------------------------------------------------------------- export
 
-from .reports import ParityResult  # noqa: E402  (appended section; see the top for the rest)
+from .results import ParityResult  # noqa: E402  (appended section; see the top for the rest)
 
 
 def _fmt_diff(value: float) -> str:
@@ -404,7 +404,7 @@ def _probe_facts(report) -> str:
     )
 
 
-from .reports import ProbeReport  # noqa: E402, I001  (grouped with its renderers)
+from .results import ProbeReport  # noqa: E402, I001  (grouped with its renderers)
 
 #: Probe columns (header, numeric: never wrapped), and the order in which they are left out
 #: when the console is too narrow to show every number on one line.
@@ -517,7 +517,7 @@ def _(report: ProbeReport) -> str:
 # --------------------------------------------------------------------------- recalibrate
 
 
-from .reports import RecalibrationReport, SwapReport  # noqa: E402
+from .results import RecalibrationReport, SwapReport  # noqa: E402
 
 
 def _metrics_line(report: RecalibrationReport) -> str | None:

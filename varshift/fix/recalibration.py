@@ -33,18 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, frontier
-from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
-from ._types import Progress
-from .calling import Caller, forward
-from .data import as_batches, peek
-from .errors import VarshiftError
+from .._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
+from .._types import Progress
+from ..calling import Caller, forward
+from ..errors import VarshiftError
+from ..graph import NORM, DataflowGraph
+from ..io.data import as_batches, peek
+from ..measure import distributed
+from ..measure.norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
+from ..measure.stats import ChannelMoments, require_finite, require_spread, shift_ratio
+from ..report.results import ExactInfo, LayerFix, Metrics, RecalibrationReport
+from ..rules import scan_for
+from . import frontier
 from .frontier import check_cache_mb
-from .graph import NORM, DataflowGraph
-from .norms import BatchStats, InputStats, ScratchStats, StopForward, norm_modules, per_process_norms
-from .reports import ExactInfo, LayerFix, Metrics, RecalibrationReport
-from .rules import scan_for
-from .stats import ChannelMoments, require_finite, require_spread, shift_ratio
 
 
 def recalibrate(

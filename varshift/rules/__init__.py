@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import kinds
-from .graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, trace
-from .reports import Finding, NormEntry, RegularizerEntry, ScanReport, plural, severity_rank
+from ..graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, kinds, trace
+from ..report.results import Finding, NormEntry, RegularizerEntry, ScanReport, plural, severity_rank
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -58,7 +57,7 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
     """
     import torch
 
-    from .calling import Caller, Invocation
+    from ..calling import Caller, Invocation
 
     if example_input is not None and not isinstance(example_input, Invocation) and (
             call is not None or not isinstance(example_input, torch.Tensor)
@@ -68,7 +67,7 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
         example_input = Caller(model, call=call, labels=labels).prepare(example_input, limit=limit)
     report, graph = scan_traced(model, example_input)
     if isinstance(example_input, torch.Tensor) and graph.traced_with != "dynamic":
-        from .inputs import check_example
+        from ..io.inputs import check_example
 
         check_example(model, example_input)  # fx traced without running it
     return report
@@ -80,8 +79,8 @@ def scan_for(model: "nn.Module", x: Any) -> tuple[ScanReport, DataflowGraph]:
     name the data."""
     import torch
 
-    from .errors import TraceError
-    from .inputs import fit_error
+    from ..errors import TraceError
+    from ..io.inputs import fit_error
 
     try:
         return scan_traced(model, x[:1] if isinstance(x, torch.Tensor) else x)
@@ -94,7 +93,7 @@ def scan_traced(
 ) -> tuple[ScanReport, DataflowGraph]:
     """:func:`scan`, also returning the dataflow graph it traced (for passes that need it).
     ``example_input``: None, a tensor or a :class:`~varshift.calling.Invocation`."""
-    from .calling import describe
+    from ..calling import describe
 
     graph = trace(model, example_input)
     frozen = {name for name, m in model.named_modules() if kinds.is_frozen_norm(m)}

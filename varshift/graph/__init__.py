@@ -24,9 +24,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .._torch_utils import fork_rng, preserved_modes, removing
+from ..errors import TraceError, VarshiftError, one_line
 from . import kinds, sources
-from ._torch_utils import fork_rng, preserved_modes, removing
-from .errors import TraceError, VarshiftError, one_line
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
 REGULARIZER, NORM = "regularizer", "norm"
@@ -723,7 +723,7 @@ def _run_example(model: nn.Module, example: Any) -> Any:
 
 
 def _example_device(example: Any) -> torch.device:
-    from .calling import tensors
+    from ..calling import tensors
 
     found = tensors(_example_tensors(example))
     return found[0].device if found else torch.device("cpu")
@@ -780,7 +780,7 @@ def dynamic_graph(model: nn.Module, example: Any) -> DataflowGraph:
     except VarshiftError:
         raise
     except Exception as exc:  # the user's model raised on the example input
-        from .calling import describe
+        from ..calling import describe
 
         what = (f"an example input of shape {tuple(example.shape)}"
                 if isinstance(example, torch.Tensor) else f"the batch {describe(example)}")
@@ -813,7 +813,7 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Datafl
         return fx_graph(model)
     except Exception as fx_exc:  # fx raises many types for untraceable Python
         if example_input is None:
-            from .inputs import shape_hint
+            from ..io.inputs import shape_hint
 
             hint = shape_hint(model)
             how = (f"pass --input-shape (for example --input-shape {hint}) or --data"

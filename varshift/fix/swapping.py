@@ -18,15 +18,14 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from . import kinds
-from ._torch_utils import check_materialized, copy_modes, replace_submodule
-from .errors import VarshiftError
-from .graph import Namer, fx_graph_module, fx_owner
-from .reports import SwapEntry, SwapReport
-from .uout import Uout
+from .._torch_utils import check_materialized, copy_modes, replace_submodule
+from ..errors import VarshiftError
+from ..graph import Namer, fx_graph_module, fx_owner, kinds
+from ..report.results import SwapEntry, SwapReport
+from ..uout import Uout
 
 if TYPE_CHECKING:
-    from .reports import RegularizerEntry
+    from ..report.results import RegularizerEntry
 
 TARGETS = ("uout",)
 
@@ -68,7 +67,7 @@ def swap(
         are the identity at inference, and the norms keep their statistics until the model
         is fine-tuned or recalibrated.
     """
-    from .rules import scan
+    from ..rules import scan
 
     if to not in TARGETS:
         raise VarshiftError(f"--to {to!r} is not supported; choose one of: {', '.join(TARGETS)}")

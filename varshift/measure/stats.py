@@ -89,7 +89,7 @@ def require_finite(moments: ChannelMoments, layer: str, what: str) -> None:
     """
     if moments.finite:
         return
-    from .errors import DataError
+    from ..errors import DataError
 
     raise DataError(
         f"the {what} statistics of {layer or '(root)'} are not finite (inf/NaN): the data "
@@ -107,7 +107,7 @@ def require_spread(moments: ChannelMoments, layer: str) -> None:
     """
     if moments.m2 is None or bool((moments.m2 > 0).any()):
         return
-    from .errors import DataError
+    from ..errors import DataError
 
     raise DataError(
         f"the calibration data gives {layer or '(root)'} constant inputs (zero variance in "

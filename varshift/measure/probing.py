@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 import torch.nn as nn
 
-from ._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
-from ._types import Progress
-from .calling import Caller, forward
-from .data import as_batches, peek
+from .._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
+from .._types import Progress
+from ..calling import Caller, forward
+from ..io.data import as_batches, peek
+from ..report.results import LayerShift, ProbeReport
+from ..rules import scan_for
 from .norms import BatchStats, InputStats, ScratchStats, norm_modules, per_process_norms
-from .reports import LayerShift, ProbeReport
-from .rules import scan_for
 from .stats import ChannelMoments, require_finite, shift_ratio
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def probe(
         VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        from .errors import VarshiftError
+        from ..errors import VarshiftError
 
         raise VarshiftError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     from . import distributed

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .kinds import is_norm
+from ..graph.kinds import is_norm
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

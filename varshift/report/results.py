@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._version import __version__
+from .._version import __version__
 
 SEVERITIES = ("info", "warning", "error")  # in increasing order
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 import numpy as np
 import torch
 
-from .calling import batch_size as samples_in
-from .calling import cut, take, tensors
-from .errors import ArchError, DataError, VarshiftError, one_line
+from ..calling import batch_size as samples_in
+from ..calling import cut, take, tensors
+from ..errors import ArchError, DataError, VarshiftError, one_line
 from .loading import check_readable, memory_bound, resolve_arch, safe_globals
 
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
@@ -431,7 +431,7 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
 def _shard_kwargs(fn: Callable[..., Any]) -> dict[str, int]:
     """``{"rank": r, "world_size": n}`` when running under torchrun and ``fn`` takes both as
     keyword arguments (it then returns this rank's share of the batches), else ``{}``."""
-    from .distributed import env_world
+    from ..measure.distributed import env_world
 
     where = env_world()
     if where is None:

@@ -19,8 +19,8 @@ from functools import singledispatch
 from html import escape
 from typing import AbstractSet, Any, Iterable
 
-from ._version import __version__
-from .reports import (
+from .._version import __version__
+from .results import (
     ParityResult,
     ProbeReport,
     RecalibrationReport,

@@ -17,9 +17,9 @@ import hashlib
 from pathlib import Path, PurePath
 from typing import Any
 
-from ._version import __version__
-from .errors import VarshiftError
-from .reports import Finding, ScanReport, SourceLocation
+from .._version import __version__
+from ..errors import VarshiftError
+from .results import Finding, ScanReport, SourceLocation
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 #: Where the rules' help links point: the project page, which carries the README.
@@ -58,7 +58,7 @@ RULE_HELP = {
 
 def _rule(rule_id: str) -> dict[str, Any]:
     name, short, help_md, anchor = RULE_HELP[rule_id]
-    from .rules import RULES
+    from ..rules import RULES
 
     return {
         "id": rule_id,
