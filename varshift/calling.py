@@ -39,13 +39,9 @@ import torch
 import torch.nn as nn
 
 from ._torch_utils import model_device, model_dtype
-from .errors import DataError, VarshiftError
+from .errors import CallError, DataError, StopForward, VarshiftError
 
 LABEL_MODES = ("auto", "none", "last")
-
-
-class CallError(DataError):
-    """``--call`` could not be resolved, raised, or returned no usable output."""
 
 
 # --------------------------------------------------------------------------- structures
@@ -480,7 +476,6 @@ def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any
     """Run the model on a tensor or an :class:`Invocation`; its errors become a DataError
     that names the inputs (the estimators' one way of running the user's model)."""
     from .io.inputs import fit_error
-    from .measure.norms import StopForward
 
     try:
         return x.run(model) if isinstance(x, Invocation) else model(x)

@@ -8,6 +8,7 @@ line on stderr and exits 2. Any other exception is a bug in varshift and keeps i
 
 from __future__ import annotations
 
+import pickle
 import re
 
 
@@ -87,3 +88,51 @@ class ExportError(VarshiftError):
 
 class OutputError(VarshiftError):
     """An output path is unusable (the input itself, an unwritable folder, ...)."""
+
+
+class CallError(DataError):
+    """``--call`` could not be resolved, raised, or returned no usable output."""
+
+
+class RemoteError(VarshiftError):
+    """Another rank failed; the message is that rank's own one-line error.
+
+    Attributes:
+        rank: the failing rank.
+        code: the exit code that rank reported (2 for bad input).
+    """
+
+    def __init__(self, message: str, rank: int, code: int = 2) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.code = code
+
+
+class ConstructorCall(pickle.UnpicklingError):
+    """A pickle calls an allow-listed class's constructor (REDUCE) instead of restoring an
+    instance (NEWOBJ + BUILD, which is what ``torch.save`` writes)."""
+
+
+class RandomAtTraceTime(Exception):
+    """fx ran a random draw for real while tracing (``if torch.rand(1) < p:``, a draw with no
+    traced argument): the graph would bake in one outcome."""
+
+
+class StopForward(BaseException):
+    """Raised by a hook to end a forward pass early: everything needed has been seen.
+
+    A BaseException, so that a model whose forward catches ``Exception`` cannot swallow it.
+    """
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised in the main thread so that every ``finally`` and
+    every temporary-file cleanup runs on the way out, as for Ctrl-C's KeyboardInterrupt.
+
+    Attributes:
+        signum: the signal's number (the exit code is 128 + it).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

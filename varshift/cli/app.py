@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as _click
 
 from .._version import __version__
-from ..errors import VarshiftError
+from ..errors import Terminated, VarshiftError
+from .terms import flags, localize
 
 app = typer.Typer(
     name="varshift",
@@ -291,6 +292,7 @@ def _emit(rep: Any, out: OutputOptions) -> int:
 
     if env_rank() != 0:  # under torchrun, rank 0 speaks for all (every rank has the report)
         return 0 if rep else 1
+    rep = localize(rep)  # the report's advice in flags, not in library parameters
     if out.report:
         write_text_atomic(out.report, render_to_string(rep, format_for_path(out.report, out.format.value)))
     if not out.quiet:
@@ -503,21 +505,12 @@ def export(
 # --------------------------------------------------------------------------- entry point
 
 
-class _Terminated(BaseException):
-    """Raised in the main thread by SIGTERM/SIGHUP, so that every ``finally`` and every
-    temporary-file cleanup runs on the way out, as for Ctrl-C's KeyboardInterrupt."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 #: Signals handled like SIGINT: exit code 128 + the signal's number (143, 129).
 _SIGNALS = ("SIGTERM", "SIGHUP")
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated(signum)
+    raise Terminated(signum)
 
 
 class _SignalsAsExceptions:
@@ -556,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     with _SignalsAsExceptions():
         try:
             code, line = _outcome(argv)
-        except _Terminated as exc:  # arrived outside the command
+        except Terminated as exc:  # arrived outside the command
             code, line = _terminated(exc.signum)
         dist = sys.modules.get("varshift.measure.distributed")  # imported only if a command got there
         d = dist.session() if dist is not None else None
@@ -595,10 +588,10 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
         with transaction():
             rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
     except VarshiftError as exc:
-        return 2, f"varshift: error: {exc}"
+        return 2, f"varshift: error: {flags(str(exc))}"
     except KeyboardInterrupt:
         return 130, f"varshift: interrupted; {_outputs_state()}"
-    except _Terminated as exc:
+    except Terminated as exc:
         return _terminated(exc.signum)
     except SystemExit as exc:
         # click itself never raises SystemExit with standalone_mode=False: this came from

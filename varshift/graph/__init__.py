@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .._torch_utils import fork_rng, preserved_modes, removing
-from ..errors import TraceError, VarshiftError, one_line
+from ..errors import RandomAtTraceTime, TraceError, VarshiftError, one_line
 from . import kinds, sources
 
 INPUT, OUTPUT, MODULE, FUNCTION, CONSTANT = "input", "output", "module", "function", "constant"
@@ -269,11 +269,6 @@ class _LeafTracer(torch.fx.Tracer):
             # swallow a Ctrl-C that lands in that import.)
             node.meta[_SOURCE_KEY] = sources.caller_location(_FX_TRACE_CODE)
         return node
-
-class RandomAtTraceTime(Exception):
-    """fx ran a random draw for real while tracing (``if torch.rand(1) < p:``, a draw with no
-    traced argument): the graph would bake in one outcome."""
-
 
 _SOURCE_KEY = "varshift_source"
 _FX_TRACE_CODE = torch.fx.Tracer.trace.__code__

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch, one_line
+from ..errors import (ArchError, ConstructorCall, LoadError, RefusedPickleError, StateDictMismatch,
+                      one_line)
 
 #: Checkpoint keys that hold the model's state dict, in order of preference.
 STATE_DICT_KEYS = (
@@ -104,11 +105,6 @@ def safe_classes() -> list[type]:
 
 def _safe_names() -> set[str]:
     return {f"{c.__module__}.{c.__qualname__}" for c in safe_classes()}
-
-
-class ConstructorCall(pickle.UnpicklingError):
-    """A pickle calls an allow-listed class's constructor (REDUCE) instead of restoring an
-    instance (NEWOBJ + BUILD, which is what ``torch.save`` writes)."""
 
 
 class _NoConstructor:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..errors import VarshiftError
+from ..errors import RemoteError, VarshiftError
 
 #: Seconds a collective may wait for the other ranks (env ``VARSHIFT_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT = 1800.0
@@ -36,20 +36,6 @@ _OK, _ERROR, _FINAL = "ok", "error", "final"
 #: What this process sent in collectives so far (for benchmarks and tests): the number of
 #: all-gathers and the bytes of this rank's pickled payloads.
 TRAFFIC = {"collectives": 0, "bytes_sent": 0}
-
-
-class RemoteError(VarshiftError):
-    """Another rank failed; the message is that rank's own one-line error.
-
-    Attributes:
-        rank: the failing rank.
-        code: the exit code that rank reported (2 for bad input).
-    """
-
-    def __init__(self, message: str, rank: int, code: int = 2) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.code = code
 
 
 @dataclass

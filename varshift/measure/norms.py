@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from ..errors import StopForward
 from ..graph.kinds import is_norm
 
 
@@ -112,13 +113,6 @@ def per_process_norms(norms: dict[str, nn.Module]) -> Iterator[None]:
     finally:
         for m in swapped:
             m.__class__ = nn.SyncBatchNorm
-
-
-class StopForward(BaseException):
-    """Raised by a hook to end a forward pass early: everything needed has been seen.
-
-    A BaseException, so that a model whose forward catches ``Exception`` cannot swallow it.
-    """
 
 
 class InputStats:
