@@ -180,7 +180,7 @@ def test_models_the_frontier_cannot_run_take_the_level_path(batches) -> None:
     probe = {l.name: l.shift for l in varshift.probe(fixed, batches).layers}
     assert abs(probe["3.bn"] - 1.0) < 1e-3  # the hook's effect is part of the statistics
 
-    with pytest.raises(varshift.VarshiftError, match="frontier path of --exact cannot run"):
+    with pytest.raises(varshift.VarshiftError, match="frontier path of the exact estimator cannot run"):
         varshift.recalibrate(model, batches, exact=True, measure=False, exact_path="frontier")
 
 
@@ -197,7 +197,7 @@ def test_report_json_names_the_path(batches) -> None:
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "a lot"])
 def test_bad_cache_budget_is_refused(bad, batches) -> None:
     model = settled("chain3", batches)
-    with pytest.raises(varshift.VarshiftError, match="--cache-mb must be a number"):
+    with pytest.raises(varshift.VarshiftError, match="`cache_mb` must be a number"):
         varshift.recalibrate(model, batches, exact=True, cache_mb=bad)
 
 

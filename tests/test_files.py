@@ -117,7 +117,7 @@ def test_scan_file_fail_on(tmp_path):
     assert not rep and rep.summary["fail_on"] == "error"
     never = varshift.scan_file(DROPOUT_BN, fail_on="never")
     assert never and never.findings == rep.findings
-    with pytest.raises(varshift.VarshiftError, match="--fail-on"):
+    with pytest.raises(varshift.VarshiftError, match="`fail_on` must be one of error, warning, never"):
         varshift.scan_file(DROPOUT_BN, fail_on="sometimes")
 
 

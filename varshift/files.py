@@ -9,7 +9,13 @@ render), and what a Python user calls to fix a *file* rather than a module in me
 
 Nothing here prints. Bad input raises a :class:`~varshift.errors.VarshiftError` before any
 output is written; every output path is checked up front and written atomically through
-:mod:`varshift._io` (one place), and never replaces an input file.
+:mod:`varshift.io.atomic` (one place), and never replaces an input file.
+
+Each function builds option objects from its keyword arguments (:mod:`varshift.options`:
+:class:`~varshift.options.ModelSpec`, :class:`~varshift.options.DataSpec`,
+:class:`~varshift.options.CallSpec`, :class:`~varshift.options.RunSpec`) and hands them to
+its ``run_*`` twin, which is what the command line calls with the objects its option groups
+build.
 
 Shared arguments (all keyword-only):
 
@@ -25,19 +31,25 @@ Shared arguments (all keyword-only):
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any, Callable, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._types import Progress
 from .errors import VarshiftError
+from .options import CallSpec, DataSpec, ModelSpec, PathLike, RecalibrateOptions, RunSpec, check_threshold
 
 if TYPE_CHECKING:
     import torch
 
     from .io.loading import LoadedModel
+    from .measure.distributed import Dist
     from .report.results import ParityResult, ProbeReport, RecalibrationReport, ScanReport, SwapReport
 
-PathLike = Union[str, "os.PathLike[str]"]
+__all__ = ["scan_file", "probe_file", "recalibrate_file", "swap_file", "export_file",
+           "run_scan", "run_probe", "run_recalibrate", "run_swap", "run_export", "Outputs",
+           "Example", "SwapOptions", "parse_shape", "resolve_device", "check_threshold",
+           "DEFAULT_THRESHOLD", "PathLike"]
 
 #: The shift at or above which a layer counts as shifted (probe's and recalibrate's default
 #: ``fail_above``): the same line the reports' verdicts draw.
@@ -64,7 +76,7 @@ def parse_shape(shape: str | tuple[int, ...] | list[int] | None) -> tuple[int, .
         dims = tuple(int(d) for d in shape)
     if not dims or any(d <= 0 for d in dims):
         raise VarshiftError(
-            f"--input-shape {shape!r} must be comma-separated positive integers, e.g. 1,3,224,224"
+            f"`input_shape` {shape!r} must be comma-separated positive integers, e.g. 1,3,224,224"
         )
     return dims
 
@@ -78,16 +90,11 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> "torch.devic
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise VarshiftError(f"--device {device!r} is not a device; use cpu, cuda or auto") from exc
+        raise VarshiftError(f"`device` {device!r} is not a device; use cpu, cuda or auto") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VarshiftError("--device cuda: CUDA is not available here; use --device cpu or auto")
+        raise VarshiftError("`device='cuda'`: CUDA is not available here; use `device='cpu'` "
+                            "or auto")
     return dev
-
-
-def check_threshold(value: float | None, option: str = "--fail-above") -> None:
-    """A shift threshold is a ratio >= 1 (``inf``: never fail)."""
-    if value is not None and not value >= 1.0:
-        raise VarshiftError(f"{option} must be a ratio >= 1.0, got {value}")
 
 
 def _check_outputs(inputs: tuple, *outputs: tuple[str, PathLike | None]) -> None:
@@ -118,36 +125,16 @@ def _outputs_together(fn: Callable) -> Callable:
     return wrapper
 
 
-def _load(model: PathLike, arch: str | None, arch_args: dict | str | None,
-          trust: bool) -> "LoadedModel":
-    from .io.loading import load_model, parse_arch_args
-
-    args = parse_arch_args(arch_args) if isinstance(arch_args, str) or arch_args is None else arch_args
-    return load_model(model, arch=arch, arch_args=args, trust=trust)
-
-
-def _data(spec: PathLike, batch_size: int, max_batches: int | None,
-          max_samples: int | None = None):
-    from .io.data import load_data
-
-    return load_data(spec, batch_size=batch_size, max_batches=max_batches,
-                     max_samples=max_samples)
-
-
-def _first_batch(batches) -> Any:
-    """The first batch of DATA, whole (as the source produced it)."""
-    for batch in batches:
-        return batch.raw
-    raise VarshiftError("DATA yielded no batches")
-
-
-def _start(device: "str | torch.device | None", backend: str | None):
+def _start(run: RunSpec) -> "tuple[torch.device, Dist]":
     """``(device, Dist)``: under torchrun, the process group is started first (so that a
     failure on one rank reaches every rank) and CUDA means ``cuda:LOCAL_RANK`` (see
-    :func:`varshift.distributed.join`); otherwise one process, ``device`` as resolved."""
+    :func:`varshift.measure.distributed.join`); otherwise one process, ``device`` as resolved.
+    The group is left in ``run.session`` for the caller to end."""
     from .measure.distributed import join
 
-    d, dev = join(resolve_device(device), backend)
+    d, dev = join(resolve_device(run.device), run.backend)
+    if run.session is not None and d.active:
+        run.session.dist = d
     return dev, d
 
 
@@ -157,12 +144,39 @@ def _shard(cal, d):
     return None if cal is None else shard_data(cal, d)
 
 
-def _note_sharding(rep, cal, d) -> None:
+def _model(spec: ModelSpec) -> "LoadedModel":
+    from .io.loading import load_model, parse_arch_args
+
+    args = spec.arch_args
+    if isinstance(args, str) or args is None:
+        args = parse_arch_args(args)
+    return load_model(spec.path, arch=spec.arch, arch_args=args, trust=spec.trust)
+
+
+def _data(spec: DataSpec, source: PathLike | None = None) -> Any:
+    """The :class:`~varshift.io.data.Calibration` of ``spec``; of ``source`` instead when given,
+    read whole with the same batch size (held-out data is scored in full)."""
+    from .io.data import load_data
+
+    if source is not None:
+        return load_data(source, batch_size=spec.batch_size, max_batches=None)
+    return load_data(spec.source, batch_size=spec.batch_size, max_batches=spec.max_batches,
+                     max_samples=spec.max_samples)
+
+
+def _sharding(cal, d) -> list[str]:
+    """The report's note on how the ranks split the data (none in one process)."""
     from .measure.distributed import sharding_note
 
     note = sharding_note(cal, d)
-    if note:
-        rep.notes.append(note)
+    return [note] if note else []
+
+
+def _first_batch(batches) -> Any:
+    """The first batch of DATA, whole (as the source produced it)."""
+    for batch in batches:
+        return batch.raw
+    raise VarshiftError("DATA yielded no batches")
 
 
 def _onnx(module, out: PathLike | None, batches, labels: str = "auto") -> "ParityResult | None":
@@ -171,6 +185,52 @@ def _onnx(module, out: PathLike | None, batches, labels: str = "auto") -> "Parit
     from .export import export_onnx
 
     return export_onnx(module, out, batches=batches, labels=labels)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a command writes: the result (``output``), its ONNX export (``onnx``) and the
+    rendered report (``report``: only checked here; the caller renders and writes it)."""
+
+    output: PathLike | None = None
+    onnx: PathLike | None = None
+    report: PathLike | None = None
+
+    def check(self, *reads: Any) -> None:
+        """Before any work: every output writable, none of them an input (``reads``)."""
+        _check_outputs(tuple(r for r in reads if r is not None), ("`output`", self.output),
+                       ("`onnx`", self.onnx), ("`report`", self.report))
+
+
+@dataclass(frozen=True)
+class Example:
+    """An example input built from a shape (``input_shape``: ``"1,3,224,224"`` or a tuple),
+    random with ``seed``; ``shape`` is None when there is none."""
+
+    input_shape: str | tuple[int, ...] | None = None
+    seed: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return parse_shape(self.input_shape)
+
+    def build(self, module: Any) -> Any:
+        """The example tensor for ``module`` (None without a shape)."""
+        if self.shape is None:
+            return None
+        from .io.inputs import example_input
+
+        return example_input(module, self.shape, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    """What :func:`swap_file` replaces: every regularizer that reaches a norm, by ``to``
+    (only ``uout``) with noise half-width ``beta``, traced on ``example`` when given."""
+
+    to: str = "uout"
+    beta: float = 0.1
+    example: Example = Example()
 
 
 # --------------------------------------------------------------------------- commands
@@ -205,24 +265,26 @@ def scan_file(
         report: only checked here (it must not be an input and must be writable); the caller
             renders and writes it (default None).
     """
-    if fail_on not in ("error", "warning", "never"):
-        raise VarshiftError(f"--fail-on {fail_on!r}: choose one of error, warning, never")
-    shape = parse_shape(input_shape)
-    if shape and data:
-        raise VarshiftError("--input-shape and --data both give the example input; pass one")
-    _check_outputs((model, arch, data, call), ("--report", report))
-    loaded = _load(model, arch, arch_args, trust)
-    from .io.inputs import example_input
+    return run_scan(ModelSpec(model, arch=arch, arch_args=arch_args, trust=trust), CallSpec(call=call, labels=labels),
+                    Example(input_shape), data, fail_on, Outputs(report=report))
+
+
+def run_scan(model: ModelSpec, how: CallSpec, example: Example, data: PathLike | None,
+             fail_on: str, outputs: Outputs) -> "ScanReport":
+    """:func:`scan_file` with its options as objects."""
+    from .options import FailOn, choice
     from .rules import scan
 
-    example = example_input(loaded.module, shape) if shape else None
+    gate = choice(FailOn, fail_on, "fail_on")
+    if example.shape and data:
+        raise VarshiftError("`input_shape` and `data` both give the example input; pass one")
+    outputs.check(*model.reads(), data, how.call)
+    loaded = _model(model)
+    x = example.build(loaded.module) if example.shape else None
     if data:
-        example = _first_batch(_data(data, 64, 1))
-    rep = scan(loaded.module, example, call=call, labels=labels)
-    rep.source = str(model)
-    rep.fail_on = fail_on
-    rep.notes[:0] = loaded.notes
-    return rep
+        x = _first_batch(_data(DataSpec(data, max_batches=1)))
+    rep = scan(loaded.module, x, call=how.call, labels=how.labels, fail_on=gate)
+    return dataclasses.replace(rep, source=str(model.path), notes=loaded.notes + rep.notes)
 
 
 @_outputs_together
@@ -255,19 +317,27 @@ def probe_file(
         backend: the torch.distributed backend under torchrun (default: NCCL for CUDA, else
             gloo); each rank then measures its shard and every rank returns the merged report.
     """
+    return run_probe(ModelSpec(model, arch=arch, arch_args=arch_args, trust=trust),
+                     DataSpec(data, batch_size=batch_size, max_batches=max_batches,
+                 max_samples=max_samples),
+                     CallSpec(call=call, labels=labels), RunSpec(device=device, backend=backend, progress=progress),
+                     seed, fail_above, Outputs(report=report))
+
+
+def run_probe(model: ModelSpec, data: DataSpec, how: CallSpec, run: RunSpec, seed: int,
+              fail_above: float, outputs: Outputs) -> "ProbeReport":
+    """:func:`probe_file` with its options as objects."""
     check_threshold(fail_above)
-    dev, d = _start(device, backend)
-    _check_outputs((model, data, arch, call), ("--report", report))
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
+    dev, d = _start(run)
+    outputs.check(*model.reads(), data.source, how.call)
+    loaded = _model(model)
+    batches = _shard(_data(data), d)
     from .measure.probing import probe
 
-    rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=progress,
-                threshold=fail_above, call=call, labels=labels)
-    rep.source = str(model)
-    rep.notes[:0] = loaded.notes
-    _note_sharding(rep, batches, d)
-    return rep
+    rep = probe(loaded.module.to(dev), batches, seed=seed, device=dev, progress=run.progress,
+                threshold=fail_above, call=how.call, labels=how.labels)
+    return dataclasses.replace(rep, source=str(model.path),
+                               notes=loaded.notes + rep.notes + _sharding(batches, d))
 
 
 @_outputs_together
@@ -326,34 +396,48 @@ def recalibrate_file(
             ``onnx``, and every rank holds the same statistics.
     """
     check_threshold(fail_above)
-    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
-        raise VarshiftError(f"--max-accuracy-drop must be >= 0 percentage points, got {max_accuracy_drop}")
-    dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data, arch, call), ("--output", output), ("--onnx", onnx),
-                   ("--report", report))
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches, max_samples), d)
-    held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
+    return run_recalibrate(
+        ModelSpec(model, arch=arch, arch_args=arch_args, trust=trust),
+        DataSpec(data, batch_size=batch_size, max_batches=max_batches,
+                 max_samples=max_samples),
+        RecalibrateOptions(exact=exact, cache_mb=cache_mb, all_norms=all_norms,
+                           include_frozen=include_frozen, threshold=fail_above,
+                           max_accuracy_drop=max_accuracy_drop),
+        CallSpec(call=call, labels=labels, output_key=output_key),
+        RunSpec(device=device, backend=backend, progress=progress),
+        eval_data, Outputs(output=output, onnx=onnx, report=report))
+
+
+def run_recalibrate(model: ModelSpec, data: DataSpec, fix: RecalibrateOptions, how: CallSpec,
+                    run: RunSpec, eval_data: PathLike | None,
+                    outputs: Outputs) -> "RecalibrationReport":
+    """:func:`recalibrate_file` with its options as objects (``outputs.output`` required)."""
+    check_threshold(fix.threshold)
+    dev, d = _start(run)
+    outputs.check(*model.reads(), data.source, eval_data, how.call)
+    loaded = _model(model)
+    batches = _shard(_data(data), d)
+    held_out = _shard(_data(data, eval_data) if eval_data else None, d)
     from .fix.recalibration import recalibrate
     from .io.saving import norm_buffer_keys, save_like
 
     fixed, rep = recalibrate(
-        loaded.module.to(dev), batches, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
-        inplace=True, eval_batches=held_out, device=dev, progress=progress,
-        threshold=fail_above, call=call, labels=labels, output_key=output_key,
-        include_frozen=include_frozen,
+        loaded.module.to(dev), batches, exact=fix.exact, cache_mb=fix.cache_mb,
+        all_norms=fix.all_norms, inplace=True, eval_batches=held_out, device=dev,
+        progress=run.progress, threshold=fix.threshold, call=how.call, labels=how.labels,
+        output_key=how.output_key, include_frozen=fix.include_frozen,
+        max_accuracy_drop=fix.max_accuracy_drop,
     )
-    rep.max_accuracy_drop = max_accuracy_drop
     fixed = fixed.cpu()
-    rep.source = str(model)
-    rep.notes[:0] = loaded.notes
-    _note_sharding(rep, batches, d)
-    if d.is_main:
-        changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
-        save_like(loaded, fixed, output, changed)
-        rep.output = str(output)
-        rep.onnx = _onnx(fixed, onnx, batches, labels)
-    return rep
+    rep = dataclasses.replace(rep, source=str(model.path),
+                              notes=loaded.notes + rep.notes + _sharding(batches, d))
+    if not d.is_main:
+        return rep
+    assert outputs.output is not None
+    changed = norm_buffer_keys([layer.name for layer in rep.recalibrated], fixed)
+    save_like(loaded, fixed, outputs.output, changed)
+    return dataclasses.replace(rep, output=str(outputs.output),
+                               onnx=_onnx(fixed, outputs.onnx, batches, how.labels))
 
 
 @_outputs_together
@@ -401,22 +485,35 @@ def swap_file(
         report: only checked here (see :func:`scan_file`).
         backend: under torchrun (see :func:`recalibrate_file`).
     """
-    shape = parse_shape(input_shape)
-    dev, d = _start(device, backend)
-    _check_outputs((model, data, eval_data, arch, call), ("--output", output), ("--onnx", onnx),
-                   ("--report", report))
-    if eval_data and not data:
-        raise VarshiftError("--eval-data needs --data (it measures the recalibration)")
-    if onnx and not (data or shape):
-        raise VarshiftError("--onnx needs --data or --input-shape to build the inputs it checks")
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _shard(_data(data, batch_size, max_batches, max_samples) if data else None, d)
-    held_out = _shard(_data(eval_data, batch_size, None) if eval_data else None, d)
-    from .fix.swapping import swap
-    from .io.atomic import write_with
-    from .io.inputs import example_input
+    return run_swap(
+        ModelSpec(model, arch=arch, arch_args=arch_args, trust=trust),
+        SwapOptions(to=to, beta=beta, example=Example(input_shape, seed=seed)),
+        DataSpec(data, batch_size=batch_size, max_batches=max_batches,
+                 max_samples=max_samples) if data else None,
+        eval_data, RecalibrateOptions(exact=exact, cache_mb=cache_mb),
+        CallSpec(call=call, labels=labels, output_key=output_key),
+        RunSpec(device=device, backend=backend, progress=progress),
+        Outputs(output=output, onnx=onnx, report=report))
 
-    example = example_input(loaded.module, shape, seed=seed) if shape else None
+
+def run_swap(model: ModelSpec, swap: SwapOptions, data: DataSpec | None,
+             eval_data: PathLike | None, fix: RecalibrateOptions, how: CallSpec, run: RunSpec,
+             outputs: Outputs) -> "SwapReport":
+    """:func:`swap_file` with its options as objects (``outputs.output`` required)."""
+    shape = swap.example.shape
+    dev, d = _start(run)
+    outputs.check(*model.reads(), data.source if data else None, eval_data, how.call)
+    if eval_data and not data:
+        raise VarshiftError("`eval_data` needs `data` (it measures the recalibration)")
+    if outputs.onnx and not (data or shape):
+        raise VarshiftError("`onnx` needs `data` or `input_shape` to build the inputs it checks")
+    loaded = _model(model)
+    batches = _shard(_data(data) if data else None, d)
+    held_out = _shard(_data(data, eval_data) if data and eval_data else None, d)
+    from .fix.swapping import swap as swap_model
+    from .io.atomic import write_with
+
+    example = swap.example.build(loaded.module)
     if example is not None:
         from .io.inputs import check_example
 
@@ -424,37 +521,38 @@ def swap_file(
     if example is None and batches is not None:
         # the whole first batch: the calling convention casts it as every command does
         example = _first_batch(batches)
-    swapped, rep = swap(loaded.module, to=to, beta=beta, inplace=True, example_input=example,
-                        call=call, labels=labels)
+    swapped, rep = swap_model(loaded.module, to=swap.to, beta=swap.beta, inplace=True,
+                              example_input=example, call=how.call, labels=how.labels)
     if batches is not None:
         from .fix.recalibration import recalibrate
 
-        swapped, rep.recalibration = recalibrate(
-            swapped.to(dev), batches, exact=exact, cache_mb=cache_mb, inplace=True,
-            eval_batches=held_out, device=dev, progress=progress, call=call, labels=labels,
-            output_key=output_key,
+        swapped, recalibration = recalibrate(
+            swapped.to(dev), batches, exact=fix.exact, cache_mb=fix.cache_mb, inplace=True,
+            eval_batches=held_out, device=dev, progress=run.progress, call=how.call,
+            labels=how.labels, output_key=how.output_key,
         )
+        rep = dataclasses.replace(rep, recalibration=recalibration)
         swapped = swapped.cpu()
-    import torch
-
-    if d.is_main:
-        write_with(output, lambda tmp: torch.save(swapped, tmp))
-        rep.output = str(output)
-    rep.source = str(model)
-    rep.notes[:0] = loaded.notes
-    if batches is not None:
-        _note_sharding(rep, batches, d)
+    notes = loaded.notes + rep.notes + (_sharding(batches, d) if batches is not None else [])
     if loaded.form != "module":
-        rep.notes.append(
-            f"{model} is a checkpoint, which cannot carry new layers: the output is a whole "
+        notes.append(
+            f"{model.path} is a checkpoint, which cannot carry new layers: the output is a whole "
             "module; to keep training from a checkpoint, build the model with varshift.Uout in "
             "place of the swapped layers"
         )
     if rep.graph_module or loaded.form != "module":
-        rep.notes.append("loading the output needs --trust (it holds code or classes beyond torch.nn)")
-    if d.is_main:
-        rep.onnx = _onnx(swapped, onnx, batches if batches is not None else [example], labels)
-    return rep
+        notes.append("loading the output needs `trust=True` (it holds code or classes beyond "
+                     "torch.nn)")
+    rep = dataclasses.replace(rep, source=str(model.path), notes=notes)
+    if not d.is_main:
+        return rep
+    import torch
+
+    assert outputs.output is not None
+    write_with(outputs.output, lambda tmp: torch.save(swapped, tmp))
+    checked = batches if batches is not None else [example]
+    return dataclasses.replace(rep, output=str(outputs.output),
+                               onnx=_onnx(swapped, outputs.onnx, checked, how.labels))
 
 
 @_outputs_together
@@ -487,20 +585,29 @@ def export_file(
         labels: how tuple batches split (``auto``, ``none``, ``last``).
         report: only checked here (see :func:`scan_file`).
     """
-    shape = parse_shape(input_shape)
-    if not data and not shape:
-        raise VarshiftError("export needs --data DATA or --input-shape (e.g. 1,3,224,224) "
+    return run_export(ModelSpec(model, arch=arch, arch_args=arch_args, trust=trust),
+                      DataSpec(data, batch_size=batch_size, max_batches=max_batches,
+                 max_samples=max_samples) if data else None,
+                      Example(input_shape, seed=seed), (atol, rtol), CallSpec(labels=labels),
+                      Outputs(output, report=report))
+
+
+def run_export(model: ModelSpec, data: DataSpec | None, example: Example,
+               tolerance: tuple[float, float], how: CallSpec, outputs: Outputs) -> "ParityResult":
+    """:func:`export_file` with its options as objects; ``tolerance`` is ``(atol, rtol)``;
+    only ``how.labels`` matters (the export calls the model itself)."""
+    atol, rtol = tolerance
+    if not data and not example.shape:
+        raise VarshiftError("export needs `data` or `input_shape` (e.g. 1,3,224,224) "
                             "to build the inputs it checks")
     if atol < 0 or rtol < 0:
-        raise VarshiftError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
-    _check_outputs((model, data, arch), ("--output", output), ("--report", report))
-    loaded = _load(model, arch, arch_args, trust)
-    batches = _data(data, batch_size, max_batches, max_samples) if data else None
+        raise VarshiftError(f"`atol` and `rtol` must be >= 0, got {atol} and {rtol}")
+    outputs.check(*model.reads(), data.source if data else None)
+    loaded = _model(model)
+    batches = _data(data) if data else None
     from .export import export_onnx
-    from .io.inputs import example_input
 
-    example = example_input(loaded.module, shape, seed=seed) if shape else None
-    rep = export_onnx(loaded.module, output, example, batches=batches, atol=atol, rtol=rtol,
-                      labels=labels)
-    rep.source = str(model)
-    return rep
+    rep = export_onnx(loaded.module, outputs.output, example.build(loaded.module),
+                      batches=batches, atol=atol, rtol=rtol,
+                      labels=how.labels)
+    return dataclasses.replace(rep, source=str(model.path))

@@ -6,23 +6,27 @@ entrance, with the one message every entrance gives for a bad value. Inside the 
 members travel.
 
 Option objects group what several functions need: :class:`ModelSpec` (how to load a model
-file), :class:`DataSpec` (how to read a data source) and :class:`RunSpec` (where and how the
-run happens). The command line's option groups build them; the file-level functions
-(:mod:`varshift.files`) build them from their keyword arguments; the internals take the
-objects, never the flattened lists.
+file), :class:`DataSpec` (how to read a data source), :class:`CallSpec` (how the model is
+called on a batch), :class:`RunSpec` (where and how the run happens) and
+:class:`RecalibrateOptions`. They are plain, validated data: the stages that act on them
+(:mod:`varshift.files`, :mod:`varshift.measure.context`) read them. The command line's
+option groups build them; the file-level functions build them from their keyword arguments;
+the internals take the objects, never the flattened lists.
 
-No torch import here: the CLI builds these objects before anything heavy is imported.
+A leaf module: it imports no torch and no stage, so that the CLI can build these objects
+before anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from ._types import Progress
-from .errors import VarshiftError
+from .errors import DataError, VarshiftError
 
 if TYPE_CHECKING:
     import torch
@@ -57,12 +61,13 @@ class ExactPath(StrEnum):
 E = TypeVar("E", bound=StrEnum)
 
 
-def choice(kind: type[E], value: Any, param: str) -> E:
+def choice(kind: type[E], value: Any, param: str,
+           error: type[VarshiftError] = VarshiftError) -> E:
     """``value`` as a member of ``kind``; the entrance's one check.
 
     Raises:
-        VarshiftError: ``value`` is not one of ``kind``'s values; the message names the
-            parameter ``param`` and lists the values.
+        VarshiftError: (or ``error``, a subclass) ``value`` is not one of ``kind``'s values;
+            the message names the parameter ``param`` and lists the values.
     """
     if isinstance(value, kind):
         return value
@@ -70,7 +75,7 @@ def choice(kind: type[E], value: Any, param: str) -> E:
         return kind(value)
     except ValueError:
         names = ", ".join(m.value for m in kind)
-        raise VarshiftError(f"`{param}` must be one of {names}, got {value!r}") from None
+        raise error(f"`{param}` must be one of {names}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,6 @@ class ModelSpec:
     arch_args: dict | str | None = None
     trust: bool = False
 
-    def load(self) -> Any:
-        """The :class:`~varshift.io.loading.LoadedModel`."""
-        from .io.loading import load_model, parse_arch_args
-
-        args = self.arch_args
-        if isinstance(args, str) or args is None:
-            args = parse_arch_args(args)
-        return load_model(self.path, arch=self.arch, arch_args=args, trust=self.trust)
-
     def reads(self) -> tuple:
         """The paths and specs this model's loading reads (no output may replace them)."""
         return (self.path, self.arch)
@@ -112,35 +108,26 @@ class DataSpec:
         batch_size: samples per batch for file data.
         max_batches: use at most this many batches (None: all).
         max_samples: use at most this many samples, the last batch cut (None: all).
-        labels: how tuple batches split (a :class:`Labels` value).
+
+    How a batch splits into inputs and labels is the caller's business: :class:`CallSpec`.
     """
 
     source: PathLike
     batch_size: int = 64
     max_batches: int | None = None
     max_samples: int | None = None
-    labels: Labels = Labels.AUTO
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", choice(Labels, self.labels, "labels"))
 
-    def load(self, whole: bool = False) -> Any:
-        """The :class:`~varshift.io.data.Calibration`; ``whole``: ignore the budgets (held-out
-        data is scored in full)."""
-        from .io.data import load_data
+class Session:
+    """Holds the process group a run started under torchrun, for whoever started the run to
+    end it (:meth:`Dist.finish`, :func:`~varshift.measure.distributed.shutdown`).
 
-        if whole:
-            return load_data(self.source, batch_size=self.batch_size, max_batches=None)
-        return load_data(self.source, batch_size=self.batch_size, max_batches=self.max_batches,
-                         max_samples=self.max_samples)
+    Attributes:
+        dist: the :class:`~varshift.measure.distributed.Dist`, or None (no group started).
+    """
 
-    def first_batch(self) -> Any:
-        """The first batch of the source, whole (as the source produced it)."""
-        from .io.data import load_data
-
-        for batch in load_data(self.source, batch_size=64, max_batches=1):
-            return batch.raw
-        raise VarshiftError("DATA yielded no batches")
+    def __init__(self) -> None:
+        self.dist: Any = None
 
 
 @dataclass(frozen=True)
@@ -152,8 +139,97 @@ class RunSpec:
             ``"cuda:K"`` or a ``torch.device``.
         backend: the torch.distributed backend under torchrun (None: NCCL for CUDA, else gloo).
         progress: ``progress(batches_done, total_or_None)``, called while data streams.
+        session: where a started process group is left (None: the run does not say).
     """
 
     device: "str | torch.device | None" = "auto"
     backend: str | None = None
     progress: Progress | None = None
+    session: Session | None = None
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """How the model is called on a batch (see :mod:`varshift.calling`).
+
+    Attributes:
+        call: ``fn(model, batch)`` returning the output or ``(output, labels)``, or its
+            ``pkg.module:fn`` / ``file.py:fn`` spec; None: the calling convention's rules.
+        labels: how tuple batches split (a :class:`Labels` value).
+        output_key: the output that holds the logits (None: ``logits``, else the first tensor).
+    """
+
+    call: Any = None
+    labels: Labels = Labels.AUTO
+    output_key: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", choice(Labels, self.labels, "labels", DataError))
+
+
+def check_threshold(value: float | None, param: str = "fail_above") -> None:
+    """A shift threshold is a ratio >= 1 (``inf``: never fail).
+
+    Raises:
+        VarshiftError: naming ``param`` and the bad value.
+    """
+    if value is not None and not value >= 1.0:
+        raise VarshiftError(f"`{param}` must be a ratio >= 1.0, got {value}")
+
+
+def check_cache_mb(cache_mb: float | None) -> None:
+    """A memory budget is a finite number of MiB >= 0 (None: the default).
+
+    Raises:
+        VarshiftError: naming the bad value.
+    """
+    if cache_mb is None:
+        return
+    try:
+        ok = not isinstance(cache_mb, bool) and math.isfinite(float(cache_mb)) and cache_mb >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise VarshiftError(
+            f"`cache_mb` must be a number of MiB >= 0 (0 spills everything to disk), got "
+            f"{cache_mb!r}"
+        )
+
+
+@dataclass(frozen=True)
+class RecalibrateOptions:
+    """What :func:`~varshift.recalibrate` does (its keyword arguments, validated at once).
+
+    Attributes:
+        exact: the exact (inference-path) estimator instead of the population one.
+        exact_path: how the exact estimator runs (an :class:`ExactPath` value).
+        cache_mb: the exact estimator's memory budget in MiB (None: half the available).
+        all_norms: recalibrate every norm, not only those an active regularizer reaches.
+        include_frozen: also recalibrate frozen norms.
+        measure: measure shifts and metrics before and after.
+        threshold: ``bool(report)`` is False when a recalibrated layer's shift afterwards
+            reaches it.
+        max_accuracy_drop: ``bool(report)`` is False when accuracy falls by more than this
+            many percentage points (None: no guard).
+    """
+
+    exact: bool = False
+    exact_path: ExactPath = ExactPath.AUTO
+    cache_mb: float | None = None
+    all_norms: bool = False
+    include_frozen: bool = False
+    measure: bool = True
+    threshold: float = 1.1
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exact_path", choice(ExactPath, self.exact_path, "exact_path"))
+        check_cache_mb(self.cache_mb)
+        drop = self.max_accuracy_drop
+        if drop is not None and not drop >= 0:
+            raise VarshiftError(
+                f"`max_accuracy_drop` must be >= 0 percentage points, got {drop}")
+
+    @property
+    def estimator(self) -> str:
+        return "exact" if self.exact else "population"

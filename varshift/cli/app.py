@@ -23,11 +23,14 @@ import typer
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as _click
+    from click import get_current_context
 
 from .._version import __version__
 from ..errors import Terminated, VarshiftError
+from ..options import CallSpec, DataSpec, Labels, ModelSpec, RecalibrateOptions, RunSpec, Session
 from .terms import flags, localize
 
 app = typer.Typer(
@@ -115,8 +118,8 @@ class ModelOptions:
         typer.Option("--trust", help="Allow full unpickling (runs code from the file). Trusted files only."),
     ] = False
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"arch": self.arch, "arch_args": self.arch_args, "trust": self.trust}
+    def spec(self, model: str) -> ModelSpec:
+        return ModelSpec(model, self.arch, self.arch_args, self.trust)
 
 
 class LabelsMode(str, Enum):
@@ -152,12 +155,20 @@ class DataOptions:
                      "last (the last item is the labels)."),
     ] = LabelsMode.auto
 
-    def kwargs(self, device: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"batch_size": self.batch_size, "max_batches": self.max_batches,
-                               "max_samples": self.max_samples, "labels": self.labels.value}
-        if device:
-            out["device"] = self.device or "auto"
-        return out
+    def spec(self, data: str | None) -> DataSpec | None:
+        """How to read ``data`` (None without data)."""
+        if data is None:
+            return None
+        return DataSpec(data, self.batch_size, self.max_batches, self.max_samples)
+
+    def calling(self, call: str | None = None, output_key: str | None = None) -> CallSpec:
+        return CallSpec(call, Labels(self.labels.value), output_key)
+
+    def run(self, backend: str | None, progress: Any) -> RunSpec:
+        """Where to run; a process group started under torchrun is left in this command's
+        :class:`Session` (``main`` ends it)."""
+        session = get_current_context().obj
+        return RunSpec(self.device or "auto", backend, progress, session)
 
 
 @dataclass
@@ -356,11 +367,11 @@ def scan(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Find every dropout-like layer that reaches a BatchNorm, from the dataflow graph."""
-    from ..files import scan_file
+    from ..files import Example, Outputs, run_scan
 
-    return _emit(scan_file(model, input_shape=input_shape, data=data, call=call,
-                           labels=labels.value, fail_on=fail_on.value, report=out.report,
-                           **model_opts.kwargs()), out)
+    how = CallSpec(call, Labels(labels.value))
+    return _emit(run_scan(model_opts.spec(model), how, Example(input_shape), data, fail_on.value,
+                          Outputs(report=out.report)), out)
 
 
 @_command
@@ -377,12 +388,12 @@ def probe(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Measure each BatchNorm layer's variance shift on calibration data."""
-    from ..files import probe_file
+    from ..files import Outputs, run_probe
 
     with _Progress("probing", out.quiet) as progress:
-        rep = probe_file(model, data, seed=seed, fail_above=fail_above, report=out.report,
-                         progress=progress, call=call, backend=backend, **model_opts.kwargs(),
-                         **data_opts.kwargs())
+        rep = run_probe(model_opts.spec(model), data_opts.spec(data), data_opts.calling(call),
+                        data_opts.run(backend, progress), seed, fail_above,
+                        Outputs(report=out.report))
     return _emit(rep, out)
 
 
@@ -421,18 +432,17 @@ def recalibrate(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Recompute BatchNorm statistics with dropout off; write the model in its own form."""
-    from ..files import recalibrate_file
+    from ..files import Outputs, run_recalibrate
 
     if seed is not None:
         _warn("--seed does nothing for recalibrate (it draws nothing at random) and will be removed")
+    fix = RecalibrateOptions(exact=exact, cache_mb=cache_mb, all_norms=all_norms,
+                             include_frozen=include_frozen, threshold=fail_above,
+                             max_accuracy_drop=max_accuracy_drop)
     with _Progress("recalibrating", out.quiet) as progress:
-        rep = recalibrate_file(
-            model, data, output, exact=exact, cache_mb=cache_mb, all_norms=all_norms,
-            eval_data=eval_data, onnx=onnx,
-            fail_above=fail_above, max_accuracy_drop=max_accuracy_drop, report=out.report,
-            progress=progress, include_frozen=include_frozen, call=call, output_key=output_key,
-            backend=backend, **model_opts.kwargs(), **data_opts.kwargs(),
-        )
+        rep = run_recalibrate(model_opts.spec(model), data_opts.spec(data), fix,
+                              data_opts.calling(call, output_key), data_opts.run(backend, progress),
+                              eval_data, Outputs(output, onnx, out.report))
     return _emit(rep, out)
 
 
@@ -459,16 +469,14 @@ def swap(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Replace the dropout-like layers that reach a BatchNorm with Uout."""
-    from ..files import swap_file
+    from ..files import Example, Outputs, SwapOptions, run_swap
 
     with _Progress("recalibrating", out.quiet) as progress:
-        rep = swap_file(
-            model, output, to=to, beta=beta, data=data, exact=exact, cache_mb=cache_mb,
-            eval_data=eval_data,
-            onnx=onnx, input_shape=input_shape, seed=seed, report=out.report, progress=progress,
-            call=call, output_key=output_key, backend=backend, **model_opts.kwargs(),
-            **data_opts.kwargs(),
-        )
+        rep = run_swap(model_opts.spec(model), SwapOptions(to, beta, Example(input_shape, seed)),
+                       data_opts.spec(data), eval_data,
+                       RecalibrateOptions(exact=exact, cache_mb=cache_mb),
+                       data_opts.calling(call, output_key), data_opts.run(backend, progress),
+                       Outputs(output, onnx, out.report))
     return _emit(rep, out)
 
 
@@ -488,7 +496,7 @@ def export(
     out: OutputOptions = OutputOptions(),
 ) -> int:
     """Export to ONNX (eval mode, dynamic batch) and check the outputs in onnxruntime."""
-    from ..files import export_file
+    from ..files import Example, Outputs, run_export
 
     if data_opts.device is not None:
         from ..files import resolve_device
@@ -496,9 +504,8 @@ def export(
         resolve_device(data_opts.device)  # refused where unavailable, as by every command
         _warn("--device does nothing for export (the export and its check run on the CPU) "
               "and will be removed")
-    rep = export_file(model, output, data=data, input_shape=input_shape, seed=seed, atol=atol,
-                      rtol=rtol, report=out.report, **model_opts.kwargs(),
-                      **data_opts.kwargs(device=False))
+    rep = run_export(model_opts.spec(model), data_opts.spec(data), Example(input_shape, seed),
+                     (atol, rtol), data_opts.calling(), Outputs(output, report=out.report))
     return _emit(rep, out)
 
 
@@ -546,16 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     Under torchrun every rank runs this; the ranks agree on one exit code and one error line
     (the lowest failing rank's), which rank 0 prints.
     """
+    session = Session()  # a command run under torchrun leaves its process group here
     with _SignalsAsExceptions():
         try:
-            code, line = _outcome(argv)
+            code, line = _outcome(argv, session)
         except Terminated as exc:  # arrived outside the command
             code, line = _terminated(exc.signum)
-        dist = sys.modules.get("varshift.measure.distributed")  # imported only if a command got there
-        d = dist.session() if dist is not None else None
-        if dist is not None and d is not None:
+        d = session.dist
+        if d is not None:
+            from ..measure.distributed import shutdown
+
             code, line = d.finish(code, line)
-            dist.shutdown()
+            shutdown(d)
             if d.rank != 0:
                 return code
         if line:
@@ -577,7 +586,7 @@ def _outputs_state() -> str:
             else "no output was written")
 
 
-def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
+def _outcome(argv: list[str] | None, session: Session) -> tuple[int, str | None]:
     """Run the command: its exit code and the one line for stderr (None when silent)."""
     from ..io.atomic import transaction
 
@@ -586,7 +595,8 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
         # One output transaction for the whole command: the model, --onnx and --report files
         # are renamed into place together at the end, or none of them is.
         with transaction():
-            rv = command.main(args=argv, prog_name="varshift", standalone_mode=False)
+            rv = command.main(args=argv, prog_name="varshift", standalone_mode=False,
+                              obj=session)
     except VarshiftError as exc:
         return 2, f"varshift: error: {flags(str(exc))}"
     except KeyboardInterrupt:

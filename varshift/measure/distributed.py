@@ -18,7 +18,6 @@ process group's timeout bounds every wait.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -220,27 +219,6 @@ def outcome(exc: BaseException, rank: int = 0) -> tuple[int, str]:
     return 3, f"internal error on rank {rank} ({type(exc).__name__}: {_first_line(exc)})"
 
 
-_CURRENT: contextvars.ContextVar[Dist | None] = contextvars.ContextVar("varshift_dist",
-                                                                      default=None)
-_LOCAL = Dist()  # never active: nothing in it changes
-
-
-def current() -> Dist:
-    """The :class:`Dist` the running estimator uses (one process unless set by :func:`using`)."""
-    return _CURRENT.get() or _LOCAL
-
-
-@contextlib.contextmanager
-def using(d: Dist) -> Iterator[Dist]:
-    """Make ``d`` the :func:`current` one in the body, and guard the body with it."""
-    token = _CURRENT.set(d)
-    try:
-        with d.guard():
-            yield d
-    finally:
-        _CURRENT.reset(token)
-
-
 def _pack(m: Any) -> tuple[int, Any, Any]:
     if m.mean is None or not m.count:
         return 0, None, None
@@ -314,14 +292,7 @@ def timeout_seconds() -> float:
     return value
 
 
-_SESSION: Dist | None = None
-
 BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
-
-
-def session() -> Dist | None:
-    """The :class:`Dist` of the process group :func:`join` started (None before)."""
-    return _SESSION
 
 
 def env_rank() -> int:
@@ -335,21 +306,19 @@ def join(device: torch.device, backend: str | None = None) -> tuple[Dist, torch.
 
     ``backend`` defaults to NCCL for CUDA and gloo otherwise. A CUDA device without an index
     becomes ``cuda:LOCAL_RANK``. Outside torchrun (``WORLD_SIZE`` unset or 1): ``Dist()``
-    and ``device`` unchanged.
+    and ``device`` unchanged. The caller owns the group it gets: :func:`shutdown` ends it.
 
     Raises:
         VarshiftError: a bad backend, or the group could not start.
     """
-    global _SESSION
     if backend is not None and backend not in BACKENDS:
-        raise VarshiftError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise VarshiftError(f"`backend` {backend!r}: choose one of {', '.join(BACKENDS)}")
     where = env_world()
     if where is None:
         return Dist(), device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", where[2])
-    _SESSION = init_from_env(backend, device)
-    return _SESSION, device
+    return init_from_env(backend, device), device
 
 
 def init_from_env(backend: str | None, device: torch.device) -> Dist:
@@ -378,12 +347,11 @@ def init_from_env(backend: str | None, device: torch.device) -> Dist:
     return resolve(None)
 
 
-def shutdown() -> None:
-    """Destroy the process group :func:`join` started, if any."""
-    global _SESSION
-    if _SESSION is None:
+def shutdown(d: Dist) -> None:
+    """Destroy the process group that :func:`join` started for ``d`` (nothing for one
+    process)."""
+    if not d.active:
         return
-    _SESSION = None
     try:
         import torch.distributed as dist
 
@@ -411,13 +379,17 @@ def shard_data(cal: Any, d: Dist) -> Any:
 
     File data (and any source that does not shard itself) is split by batch index after
     ``max_batches`` and ``max_samples``: rank r takes batches r, r + N, ... A data callable that takes ``rank``
-    and ``world_size`` already returned this rank's share and passes through.
+    and ``world_size`` is called with them (:meth:`~varshift.io.data.Calibration.for_rank`)
+    and returns this rank's share; a share already taken passes through.
 
     Raises:
         DataError: fewer batches than ranks (a rank would have nothing to measure).
     """
     if not d.active or getattr(cal, "rank_aware", False):
         return cal
+    own = cal.for_rank(d.rank, d.world)
+    if own is not None:
+        return own
     from ..errors import DataError
     from ..io.data import Calibration
 
@@ -427,7 +399,7 @@ def shard_data(cal: Any, d: Dist) -> Any:
     if total is not None and total < d.world:
         raise DataError(
             f"{cal.source} has {total} batch(es) for {d.world} ranks: every rank needs at "
-            "least one; use a smaller --batch-size or fewer processes"
+            "least one; use a smaller `batch_size` or fewer processes"
         )
     # Shard what ``cal`` yields, after its own --max-batches / --max-samples cut: the budget
     # is the job's, not each rank's.

@@ -6,7 +6,7 @@ One iteration over the data; for every batch, two forwards:
   input to float64 population moments.
 * **train**: regularizers active and norms normalizing with batch statistics, as in training.
   The norms' running buffers are swapped for scratch copies with momentum 1
-  (:class:`~varshift.norms.ScratchStats`), so BatchNorm's own kernel leaves each batch's
+  (:class:`~varshift.measure.norms.ScratchStats`), so BatchNorm's own kernel leaves each batch's
   statistics there; a post-hook reads and merges them. The model's statistics are untouched.
 
 No activation is kept: memory is O(channels), whatever the number of batches.
@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from .._torch_utils import check_materialized, fork_rng, model_device, preserved_modes, removing
+from .._torch_utils import fork_rng, preserved_modes, removing
 from .._types import Progress
-from ..calling import Caller, forward
-from ..io.data import as_batches, peek
+from ..calling import forward
+from ..errors import VarshiftError
+from ..options import CallSpec
 from ..report.results import LayerShift, ProbeReport
-from ..rules import scan_for
-from .norms import BatchStats, InputStats, ScratchStats, norm_modules, per_process_norms
+from .context import Context, Prepared, entering, prepare
+from .norms import BatchStats, InputStats, ScratchStats, per_process_norms
 from .stats import ChannelMoments, require_finite, shift_ratio
-
-if TYPE_CHECKING:
-    pass
 
 #: Unaffected layers whose train-mode variance differs from their running variance by more
 #: than this factor suggest calibration data unlike the training data.
@@ -81,49 +79,30 @@ def probe(
         VarshiftError: the model has uninitialized lazy modules (it was never run).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        from ..errors import VarshiftError
-
-        raise VarshiftError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    from . import distributed
-
-    d = distributed.resolve(process_group)
-    # the whole run under fork_rng: iterating a DataLoader (shuffling, random transforms)
-    # draws from the global generator too, from the very first batch on
-    dev = torch.device(device) if device is not None else model_device(distributed.unwrap(model))
-    with distributed.using(d), fork_rng(dev):
-        return _probe(distributed.unwrap(model), batches, seed, threshold, device, progress, d,
-                      call, labels, max_samples)
+        raise VarshiftError(f"`seed` must be an integer in [0, 2**64), got {seed!r}")
+    how = CallSpec(call=call, labels=labels)
+    with entering(model, process_group=process_group, device=device,
+                  progress=progress) as (module, ctx):
+        prep = prepare(module, batches, how, ctx, once=True, max_samples=max_samples)
+        return _probe(module, prep, seed, threshold, ctx)
 
 
-def _probe(model, batches, seed, threshold, device, progress, d, call=None, labels="auto",
-           max_samples=None) -> ProbeReport:
-    check_materialized(model)
-    cal = as_batches(batches, once=True, max_samples=max_samples)
-    dev = torch.device(device) if device is not None else model_device(model)
-    caller = Caller(model, call=call, labels=labels, device=dev)
-    prepare = caller.prepare
-    norms = norm_modules(model)
-
-    # One pass over the data: the first batch is peeked for the scan, then chained back, so
-    # a generator is streamed (not materialized) and a data callable is called once.
-    first, stream = peek(cal)
-    scan_report, _ = scan_for(model, prepare(first, 0, limit=None if call else 1))
-    del first
-    affected = {n.name: n for n in scan_report.norms}
-
+def _probe(model: nn.Module, prep: Prepared, seed: int, threshold: float,
+           ctx: Context) -> ProbeReport:
+    norms, d = prep.norms, ctx.dist
     n_batches = samples = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(preserved_modes(model))
         stack.enter_context(torch.no_grad())
-        stack.enter_context(fork_rng(dev))
+        stack.enter_context(fork_rng(ctx.device))
         stack.enter_context(per_process_norms(norms))
         scratch = stack.enter_context(ScratchStats(norms))
         handles = stack.enter_context(removing([]))
         eval_stats = InputStats(norms).attach(handles)
         train_stats = BatchStats(scratch).attach(handles)
         torch.manual_seed(seed)
-        for index, batch in enumerate(stream):
-            x = prepare(batch, index)
+        for index, batch in enumerate(prep.stream):
+            x = prep.caller.prepare(batch, index)
             del batch
             eval_stats.active, train_stats.active = True, False
             scratch.original()
@@ -135,37 +114,38 @@ def _probe(model, batches, seed, threshold, device, progress, d, call=None, labe
             forward(model, x, index)
             n_batches += 1
             samples += x.samples
-            if progress is not None:
-                progress(n_batches, getattr(cal, "n_batches", None))
+            ctx.tick(n_batches, getattr(prep.cal, "n_batches", None))
 
     if d.active:  # one exact merge across ranks, identical on every rank
         n_batches = d.merge_stats(eval_stats, n_batches)
         d.merge_stats(train_stats)
         samples = d.sum_counts({"n": samples})["n"]
+    affected = {n.name: n for n in prep.scan.norms}
     layers = [
         _layer(name, norms[name], eval_stats.moments[name], train_stats.moments[name],
                affected.get(name), eval_stats.calls[name])
         for name in eval_stats.order
     ]
-    report = ProbeReport(
+    notes = []
+    unused = [name for name in norms if eval_stats.calls[name] == 0]
+    if unused:
+        notes.append(
+            f"{len(unused)} BatchNorm layer(s) never ran on this data: {', '.join(unused[:5])}"
+        )
+    return ProbeReport(
         model=type(model).__name__,
         layers=layers,
         samples=samples,
         batches=n_batches,
         seed=seed,
         threshold=threshold,
-        traced_with=scan_report.traced_with,
-        data=getattr(cal, "source", None),
-        regularizer_kinds={r.name: r.kind for r in scan_report.regularizers},
+        traced_with=prep.scan.traced_with,
+        # frozen norms' statistics never came from this model's training: no evidence
+        warnings=calibration_warnings(layers, {n.name for n in prep.scan.norms if n.frozen}),
+        notes=notes,
+        data=getattr(prep.cal, "source", None),
+        regularizer_kinds={r.name: r.kind for r in prep.scan.regularizers},
     )
-    unused = [name for name in norms if eval_stats.calls[name] == 0]
-    if unused:
-        report.notes.append(
-            f"{len(unused)} BatchNorm layer(s) never ran on this data: {', '.join(unused[:5])}"
-        )
-    # frozen norms' statistics never came from this model's training: no evidence either way
-    _check_calibration(report, {n.name for n in scan_report.norms if n.frozen})
-    return report
 
 
 def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, calls) -> LayerShift:
@@ -203,15 +183,17 @@ def _layer(name, module, ev: ChannelMoments, tr: ChannelMoments, scan_entry, cal
     )
 
 
-def _check_calibration(report: ProbeReport, frozen: "set[str] | frozenset" = frozenset()) -> None:
-    """Warn when unaffected layers' train-mode variance is far from their running variance.
+def calibration_warnings(layers: list[LayerShift],
+                         frozen: "set[str] | frozenset" = frozenset()) -> list[str]:
+    """Warnings when unaffected layers' train-mode variance is far from their running variance.
 
     When the train-mode pass reproduces such a layer's shift (its train-mode variance matches
     the running one, its eval variance does not), the cause is an op that is random in
     training which no rule recognized, not the data: say that instead.
     """
+    warnings: list[str] = []
     unexplained = [
-        l for l in report.layers
+        l for l in layers
         if l.affected is False and l.name not in frozen
         and l.shift > MISMATCH and l.train_shift > MISMATCH
         and shift_ratio(l.train_var_mean, l.running_var_mean) <= MISMATCH
@@ -219,24 +201,25 @@ def _check_calibration(report: ProbeReport, frozen: "set[str] | frozenset" = fro
     if unexplained:
         names = ", ".join(l.name for l in unexplained[:5])
         worst = max(unexplained, key=lambda l: l.shift)
-        report.warnings.append(
+        warnings.append(
             f"{len(unexplained)} layer(s) that no recognized regularizer reaches show a shift "
             f"that the train-mode pass reproduces ({names}; worst {worst.name}: "
             f"{worst.shift:.2f}x): an unrecognized train-mode op upstream is the likely cause, "
-            "not the calibration data; recalibrate them with `varshift recalibrate --all-norms "
-            "--exact`"
+            "not the calibration data; recalibrate them with `all_norms=True` and "
+            "`exact=True`"
         )
     skip = {l.name for l in unexplained}
     off = [
         (l, shift_ratio(l.train_var_mean, l.running_var_mean))
-        for l in report.layers
+        for l in layers
         if l.affected is False and l.name not in skip and l.name not in frozen
     ]
     off = [(l, r) for l, r in off if r > MISMATCH]
     if off:
         worst, ratio = max(off, key=lambda t: t[1])
-        report.warnings.append(
+        warnings.append(
             f"the calibration data may not look like the training data: {len(off)} layer(s) "
             f"that no regularizer reaches differ from their running variance by more than "
             f"{MISMATCH:g}x in train mode (worst {worst.name}: {ratio:.2f}x); conclusions are weak"
         )
+    return warnings
