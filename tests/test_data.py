@@ -332,10 +332,10 @@ def test_data_that_does_not_fit_the_model(tmp_path, cli, shape, got):
 ])
 def test_bad_batch_options(tmp_path, xy, cli, option, value, fragment):
     torch.save(xy, tmp_path / "xy.pt")
-    kw = {option.lstrip("-").replace("-", "_"): value}
+    param = option.lstrip("-").replace("-", "_")
     with pytest.raises(DataError) as info:
-        load_data(tmp_path / "xy.pt", **kw)
-    assert fragment in one_line(info)
+        load_data(tmp_path / "xy.pt", **{param: value})
+    assert fragment.replace(option, f"`{param}`") in one_line(info)  # the library names its parameter
     model = tmp_path / "m.pt"
     torch.save(P.trained_net(), model)
     res = cli("probe", model, "--data", tmp_path / "xy.pt", option, value)

@@ -23,9 +23,11 @@ integer input to a model without an embedding (images stored as uint8) becomes f
 Outputs: a tensor, tuples, lists, dicts and Hugging Face ``ModelOutput``s. Metrics read
 ``output_key`` when given, else ``logits`` when present, else the first tensor.
 
-Sizes: the number of samples in a batch is the first dimension of its first tensor, or the
-length of its first list found inside a tuple or dict (a list of per-sample images, as
-torchvision's detection models take).
+The structure of a batch (its tensors, its size, its first ``k`` samples, the dict keys of
+inputs and labels) is :mod:`varshift.batches`, shared with the data readers.
+
+A leaf module: it imports torch and varshift's leaf modules only (the user's ``call`` spec is
+resolved by :mod:`varshift._usercode`).
 """
 
 from __future__ import annotations
@@ -39,108 +41,12 @@ import torch
 import torch.nn as nn
 
 from ._torch_utils import model_device, model_dtype
-from .errors import CallError, DataError, StopForward, VarshiftError
-
-LABEL_MODES = ("auto", "none", "last")
-
+from ._usercode import resolve_callable
+from .batches import INPUT_KEYS, batch_size, cut, input_key, label_key, map_tensors, tensors, unwrap
+from .errors import CallError, DataError, StopForward, VarshiftError, one_line
+from .options import Labels, choice
 
 # --------------------------------------------------------------------------- structures
-
-
-def unwrap(batch: Any) -> Any:
-    """The batch as the data source produced it (varshift's ``Batch`` pairs keep it in ``raw``)."""
-    return getattr(batch, "raw", batch)
-
-
-def tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a (nested) structure of tuples, lists and dicts, in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in tensors(v)]
-    return []
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``obj`` with ``fn`` applied to every tensor; containers keep their types."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        items = {k: map_tensors(v, fn) for k, v in obj.items()}
-        try:
-            cls: Any = type(obj)
-            return cls(**items) if _is_model_output(obj) else cls(items)
-        except Exception:
-            return items
-    if isinstance(obj, tuple):
-        mapped = [map_tensors(v, fn) for v in obj]
-        return type(obj)(*mapped) if hasattr(obj, "_fields") else tuple(mapped)
-    if isinstance(obj, list):
-        return [map_tensors(v, fn) for v in obj]
-    return obj
-
-
-def _is_model_output(obj: Any) -> bool:
-    return any(c.__name__ == "ModelOutput" for c in type(obj).__mro__)
-
-
-def batch_size(obj: Any) -> int | None:
-    """Samples in a batch (see the module docstring); None when it holds no tensor."""
-    return _size(obj, top=True)
-
-
-def _size(obj: Any, top: bool) -> int | None:
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[0]) if obj.ndim else None
-    if isinstance(obj, list) and not top:
-        return len(obj)  # a list inside a batch holds one item per sample
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for v in obj:
-            n = _size(v, top=False)
-            if n is not None:
-                return n
-    return None
-
-
-def cut(obj: Any, k: int) -> Any:
-    """The first ``k`` samples of a batch: every tensor whose first dimension is the batch
-    size, and every per-sample list, is cut to ``k``; everything else is kept."""
-    n = batch_size(obj)
-    if n is None or k >= n:
-        return obj
-    return take(obj, 0, k)
-
-
-def take(obj: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of a batch (see :func:`cut`)."""
-    n = batch_size(obj)
-    if n is None:
-        return obj
-    return _take(obj, slice(start, stop), n, top=True)
-
-
-def _take(obj: Any, s: slice, n: int, top: bool) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[s] if obj.ndim and obj.shape[0] == n else obj
-    if isinstance(obj, list) and not top and len(obj) == n:
-        return obj[s]
-    if isinstance(obj, Mapping):
-        items = {key: _take(v, s, n, top=False) for key, v in obj.items()}
-        try:
-            cls: Any = type(obj)
-            return cls(items)
-        except Exception:
-            return items
-    if isinstance(obj, tuple):
-        mapped = [_take(v, s, n, top=False) for v in obj]
-        return type(obj)(*mapped) if hasattr(obj, "_fields") else tuple(mapped)
-    if isinstance(obj, list):
-        return [_take(v, s, n, top=False) for v in obj]
-    return obj
 
 
 def describe(obj: Any) -> str:
@@ -200,10 +106,10 @@ def pick_output(out: Any, key: str | None) -> torch.Tensor | None:
     elif not isinstance(out, (torch.Tensor, Mapping, tuple, list)) and hasattr(out, key):
         value, found = getattr(out, key), True
     if not found:
-        raise DataError(f"--output-key {key!r} is not in the model's output ({_output_keys(out)})")
+        raise DataError(f"`output_key` {key!r} is not in the model's output ({_output_keys(out)})")
     tensor = first_tensor(value)
     if tensor is None:
-        raise DataError(f"--output-key {key!r} holds a {type(value).__name__}, not a tensor")
+        raise DataError(f"`output_key` {key!r} holds a {type(value).__name__}, not a tensor")
     return tensor
 
 
@@ -232,7 +138,7 @@ class Invocation:
     labels: Any = None
     call: Callable | None = None
     batch: Any = None
-    call_name: str = "--call"
+    call_name: str = "`call`"
     index: int = 0
 
     @property
@@ -316,17 +222,12 @@ def _param_text(p: inspect.Parameter) -> str:
 
 
 def resolve_call(spec: str) -> Callable:
-    """Import ``--call pkg.module:fn`` / ``file.py:fn``.
+    """Import the ``call`` spec ``pkg.module:fn`` / ``file.py:fn``.
 
     Raises:
         CallError: the spec does not name a callable.
     """
-    from .io.loading import resolve_arch
-
-    try:
-        return resolve_arch(spec)
-    except VarshiftError as exc:  # its message talks about --arch
-        raise CallError(str(exc).replace("--arch", "--call")) from None
+    return resolve_callable(spec, "call", CallError)
 
 
 class Caller:
@@ -336,24 +237,24 @@ class Caller:
         model: the model (its ``forward`` signature, device and dtype are read once).
         call: ``fn(model, batch) -> output or (output, labels)``; or a ``pkg.module:fn`` /
             ``file.py:fn`` string naming one. Default: the rules in the module docstring.
-        labels: ``"auto"`` (default), ``"none"`` or ``"last"``, for tuple batches.
+        labels: ``"auto"`` (default), ``"none"`` or ``"last"`` (a :class:`~varshift.options.Labels`
+            value), for tuple batches.
         output_key: which output the metrics read (default: ``logits``, else the first tensor).
         device: where batches go (default: the model's device).
     """
 
-    def __init__(self, model: nn.Module, call: Callable | str | None = None, labels: str = "auto",
-                 output_key: str | None = None, device: torch.device | str | None = None) -> None:
-        if labels not in LABEL_MODES:
-            raise DataError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
-        self.call_name = "--call"
+    def __init__(self, model: nn.Module, call: Callable | str | None = None,
+                 labels: Labels | str = Labels.AUTO, output_key: str | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.labels = choice(Labels, labels, "labels", DataError)
+        self.call_name = "`call`"
         if isinstance(call, str):
-            self.call_name = f"--call {call!r}"
+            self.call_name = f"`call` {call!r}"
             call = resolve_call(call)
         elif call is not None and not callable(call):
-            raise CallError(f"call= must be a callable fn(model, batch), got {type(call).__name__}")
+            raise CallError(f"`call` must be a callable fn(model, batch), got {type(call).__name__}")
         self.model_name = type(model).__name__
         self.call = call
-        self.labels = labels
         self.output_key = output_key
         self.device = torch.device(device) if device is not None else model_device(model)
         self.dtype = model_dtype(model)
@@ -407,28 +308,26 @@ class Caller:
             return self._split_sequence(list(raw))
         raise DataError(
             f"batch {index} is a {type(raw).__name__}; a batch is a tensor, a tuple/list or a "
-            "dict of them (or pass --call to say how to call the model)"
+            "dict of them (or pass `call` to say how to call the model)"
         )
 
     def _split_dict(self, d: Mapping, index: int) -> tuple[tuple, dict, Any]:
-        from .io.data import INPUT_KEYS, LABEL_KEYS
-
         sig = self.signature
         names = sig.names if sig is not None else frozenset()
         passed = {k: v for k, v in d.items() if k in names}
-        label_key = next((k for k in LABEL_KEYS if k in d), None)
-        labels = None if self.labels == "none" or label_key is None else d[label_key]
+        y_key = label_key(d)
+        labels = None if self.labels == Labels.NONE or y_key is None else d[y_key]
         if passed:
             if sig is not None and sig.var_keyword:  # forward(**kwargs) takes the rest too
-                passed.update({k: v for k, v in d.items() if k not in passed and k != label_key})
+                passed.update({k: v for k, v in d.items() if k not in passed and k != y_key})
             return (), passed, labels
-        x_key = next((k for k in INPUT_KEYS if k in d), None)
+        x_key = input_key(d)
         if x_key is None:
             takes = sig.text if sig is not None else f"{self.model_name}.forward"
             raise DataError(
                 f"batch {index} is a dict with keys {', '.join(map(str, list(d)[:8]))}: none names "
                 f"a parameter of {takes} and none is one of {', '.join(INPUT_KEYS)}; rename the "
-                "keys or pass --call"
+                "keys or pass `call`"
             )
         return (d[x_key],), {}, labels
 
@@ -436,9 +335,9 @@ class Caller:
         while len(items) > 1 and items[-1] is None:  # (inputs, None): data without labels
             items = items[:-1]
         n = len(items)
-        if self.labels == "last" and n > 1:
+        if self.labels == Labels.LAST and n > 1:
             return tuple(items[:-1]), {}, items[-1]
-        if self.labels == "none":
+        if self.labels == Labels.NONE:
             return tuple(items), {}, None
         sig = self.signature
         if n == 2 and self._nested_inputs(items[0]):
@@ -475,8 +374,6 @@ class Caller:
 def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any:
     """Run the model on a tensor or an :class:`Invocation`; its errors become a DataError
     that names the inputs (the estimators' one way of running the user's model)."""
-    from .io.inputs import fit_error
-
     try:
         return x.run(model) if isinstance(x, Invocation) else model(x)
     except (DataError, StopForward):
@@ -485,10 +382,52 @@ def forward(model: nn.Module, x: "torch.Tensor | Invocation", index: int) -> Any
         if "more than 1 value per channel" in str(exc):
             raise DataError(
                 f"batch {index} has {_samples(x)} sample(s): a train-mode BatchNorm needs more "
-                "than one value per channel; use --batch-size 2 or more"
+                "than one value per channel; use `batch_size=2` or more"
             ) from exc
         raise fit_error(model, x, exc, where="DATA" if index == 0 else f"batch {index} of DATA")
 
 
 def _samples(x: "torch.Tensor | Invocation") -> int:
     return x.samples if isinstance(x, Invocation) else int(x.shape[0])
+
+
+# --------------------------------------------------------------------------- inputs that do not fit
+
+
+def fit_error(model: nn.Module, x: Any, exc: BaseException, where: str = "DATA") -> DataError:
+    """A one-line DataError for inputs (a tensor or an Invocation) that do not fit ``model``."""
+    detail = one_line(exc, 240)
+    expected = expected_input(model)
+    hint = f"; {expected}" if expected else ""
+    return DataError(
+        f"{where} does not fit the model: {_what(x)}{hint} ({type(exc).__name__}: {detail})"
+    )
+
+
+def _what(x: Any) -> str:
+    if isinstance(x, Invocation) and x.call is None and len(x.args) == 1 and not x.kwargs \
+            and isinstance(x.args[0], torch.Tensor):
+        x = x.args[0]
+    if isinstance(x, torch.Tensor):
+        return f"inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
+    return f"inputs {describe(x)}"
+
+
+def expected_input(model: nn.Module) -> str | None:
+    """What the model's first weighted layer expects, e.g. ``features.0 (Conv2d) expects
+    (N, 3, H, W)``; None when it cannot tell. A heuristic for error messages."""
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}
+    for name, m in model.named_modules():
+        desc = None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = len(m.kernel_size)
+            desc = f"(N, {m.in_channels}, {spatial.get(dims, '...')})"
+        elif isinstance(m, nn.Linear):
+            desc = f"(N, {m.in_features}) or (N, ..., {m.in_features})"
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            desc = f"integer token ids < {m.num_embeddings}"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and hasattr(m, "num_features"):
+            desc = f"(N, {m.num_features}, ...)"
+        if desc:
+            return f"the first layer {name or '(root)'} ({type(m).__name__}) expects {desc}"
+    return None

@@ -5,6 +5,14 @@ Formats (docs/cli.md, DATA): ``.pt`` (a tensor, a tuple/list ``(inputs, labels)`
 ``weights_only=True``), ``.npy``, ``.npz`` (arrays ``inputs``/``x`` and ``labels``/``y``, or a
 single array), and ``pkg.module:callable`` / ``file.py:callable`` returning an iterable of
 batches (tensors, ``(inputs, labels)`` pairs or dicts).
+
+The structure of a batch (:class:`~varshift.batches.Batch`, its size, its first ``k`` samples,
+the dict keys of inputs and labels) is :mod:`varshift.batches`, shared with the calling
+convention; those names are importable from here too.
+
+Under torchrun, a data callable that takes ``rank`` and ``world_size`` shards itself: this
+module only records that it can (:meth:`Calibration.for_rank`); the caller that knows the
+ranks (:func:`varshift.measure.distributed.shard_data`) asks for a rank's share.
 """
 
 from __future__ import annotations
@@ -19,34 +27,24 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
-from ..calling import batch_size as samples_in
-from ..calling import cut, take, tensors
-from ..errors import ArchError, DataError, VarshiftError, one_line
-from .loading import check_readable, memory_bound, resolve_arch, safe_globals
+from .._usercode import resolve_callable
+from ..batches import INPUT_KEYS, LABEL_KEYS, Batch, cut, input_key, label_key, take, tensors, unwrap
+from ..batches import batch_size as samples_in
+from ..errors import DataError, VarshiftError, one_line
+from .loading import check_readable, memory_bound, safe_globals
 
-INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features")
-LABEL_KEYS = ("labels", "label", "y", "targets", "target")
+__all__ = [
+    "INPUT_KEYS", "LABEL_KEYS", "SUPPORTED", "Batch", "Calibration", "as_batches", "check_batch",
+    "check_dtype", "check_max_samples", "from_tensors", "load_data", "peek", "split_batch",
+]
 
 SUPPORTED = (
     "DATA must be a .pt file (a tensor, (inputs, labels), a dict with 'inputs'/'x' and "
     "'labels'/'y', or a TensorDataset), a .npy or .npz file, or pkg.module:callable returning "
     "an iterable of batches"
 )
-
-class Batch(tuple):
-    """One batch as ``(inputs, labels or None)``, with the batch as the source produced it in
-    ``raw`` (numpy arrays made tensors). ``raw`` is what the calling convention
-    (:mod:`varshift.calling`) reads: a tuple of several model inputs, a dict of keyword
-    arguments, nested structures. For such batches ``inputs`` is ``raw`` itself."""
-
-    raw: Any
-
-    def __new__(cls, inputs: Any, labels: Any, raw: Any) -> "Batch":
-        self = super().__new__(cls, (inputs, labels))
-        self.raw = raw
-        return self
-
 
 def split_batch(batch: Any, where: str = "batch") -> Batch:
     """Normalize one batch to ``(inputs, labels or None)``, keeping the whole batch in ``raw``.
@@ -55,12 +53,13 @@ def split_batch(batch: Any, where: str = "batch") -> Batch:
     other tuple, list or dict holding tensors (several model inputs, keyword arguments) is
     kept whole as the inputs, for the calling convention to split with the model in hand.
     """
-    raw = _numpy_to_torch(getattr(batch, "raw", batch))
+    raw = _numpy_to_torch(unwrap(batch))
     if isinstance(raw, torch.Tensor):
         return Batch(raw, None, raw)
     if isinstance(raw, dict):
-        x = next((raw[k] for k in INPUT_KEYS if k in raw), None)
-        y = next((raw[k] for k in LABEL_KEYS if k in raw), None)
+        x_key, y_key = input_key(raw), label_key(raw)
+        x = None if x_key is None else raw[x_key]
+        y = None if y_key is None else raw[y_key]
         if x is None or not _is_array(x):
             if tensors(raw):
                 return Batch(raw, None, raw)
@@ -164,9 +163,23 @@ class Calibration:
     samples: int | None = None
     n_batches: int | None = None  # known up front for in-memory data
     notes: list[str] = field(default_factory=list)
-    #: The source shards itself: a data callable that takes ``rank`` and ``world_size``.
+    #: One rank's own share, from a source that shards itself (see :meth:`for_rank`).
     rank_aware: bool = False
     max_samples: int | None = None
+    #: ``(rank, world_size) -> iterator`` over one rank's share, for a source that shards
+    #: itself (a data callable that takes ``rank`` and ``world_size``); None for the others.
+    make_shard: Callable[[int, int], Iterator[Any]] | None = field(default=None, repr=False)
+
+    def for_rank(self, rank: int, world_size: int) -> "Calibration | None":
+        """The share of ``rank`` (of ``world_size`` ranks) of a source that shards itself, with
+        the same budgets (each rank's own); None for a source that does not (split it by batch
+        index instead)."""
+        make = self.make_shard
+        if make is None:
+            return None
+        return dataclasses.replace(self, make_iter=lambda: make(rank, world_size), rank_aware=True,
+                                   make_shard=None, samples=None, n_batches=None,
+                                   notes=list(self.notes))
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
@@ -299,8 +312,6 @@ def _shapes(found: list) -> str:
 
 
 def _load_pt(path: Path) -> tuple[Any, torch.Tensor | None]:
-    from torch.utils.data import TensorDataset
-
     # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (0x80 PROTO).
     # Anything else would be fed to the unpickler byte by byte, whose complaint (an unknown
     # "global" for text starting with 'c') would blame the safe list for what is not a
@@ -380,12 +391,12 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _as_tensor(arr, f"DATA {path}"), None
     with arr:
         keys = list(arr.keys())
-        x_key = next((k for k in INPUT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        x_key = input_key(keys) or (keys[0] if len(keys) == 1 else None)
         if x_key is None:
             raise DataError(
                 f"DATA {path} has arrays {keys[:8]}; name the inputs one of {INPUT_KEYS}"
             )
-        y_key = next((k for k in LABEL_KEYS if k in keys), None)
+        y_key = label_key(keys)
         try:  # .npz members are read lazily: an object array fails only here
             x_arr, y_arr = arr[x_key], (arr[y_key] if y_key else None)
         except Exception as exc:
@@ -396,24 +407,19 @@ def _load_numpy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _from_callable(spec: str, max_batches: int | None) -> Calibration:
-    try:
-        fn = resolve_arch(spec, option="--data")
-    except ArchError as exc:
-        raise DataError(str(exc)) from None
+    fn = resolve_callable(spec, "data", DataError)
 
-    shard_kwargs = _shard_kwargs(fn)
-
-    def make() -> Iterator[Any]:
+    def make(**shard: int) -> Iterator[Any]:
         try:
-            result = fn(**shard_kwargs)
+            result = fn(**shard)
         except VarshiftError:
             raise
         except (Exception, SystemExit) as exc:  # the user's code failed (or exited): bad input
-            raise DataError(f"--data {spec!r}: calling it failed ({type(exc).__name__}: "
+            raise DataError(f"`data` {spec!r}: calling it failed ({type(exc).__name__}: "
                             f"{one_line(exc)})") from exc
         if _is_array(result):  # iterating it would yield single samples, not batches
             raise DataError(
-                f"--data {spec!r} returned a single {type(result).__name__} of shape "
+                f"`data` {spec!r} returned a single {type(result).__name__} of shape "
                 f"{tuple(result.shape)}; return an iterable of batches (a list, a generator, a "
                 "DataLoader), or save the tensor to a .pt file"
             )
@@ -421,30 +427,26 @@ def _from_callable(spec: str, max_batches: int | None) -> Calibration:
             batches = iter(result)
         except TypeError:
             raise DataError(
-                f"--data {spec!r} must return an iterable of batches, got {type(result).__name__}"
+                f"`data` {spec!r} must return an iterable of batches, got {type(result).__name__}"
             ) from None
         return _guarded(batches, spec)
 
-    return Calibration(spec, make, max_batches, rank_aware=bool(shard_kwargs))
+    def make_shard(rank: int, world_size: int) -> Iterator[Any]:
+        return make(rank=rank, world_size=world_size)
+
+    return Calibration(spec, make, max_batches, make_shard=make_shard if _shards_itself(fn) else None)
 
 
-def _shard_kwargs(fn: Callable[..., Any]) -> dict[str, int]:
-    """``{"rank": r, "world_size": n}`` when running under torchrun and ``fn`` takes both as
-    keyword arguments (it then returns this rank's share of the batches), else ``{}``."""
-    from ..measure.distributed import env_world
-
-    where = env_world()
-    if where is None:
-        return {}
+def _shards_itself(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes ``rank`` and ``world_size`` as keyword arguments (under torchrun it
+    is called with them and returns that rank's share of the batches)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return {}
-    if all(name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                    inspect.Parameter.KEYWORD_ONLY)
-           for name in ("rank", "world_size")):
-        return {"rank": where[0], "world_size": where[1]}
-    return {}
+        return False
+    return all(name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)
+               for name in ("rank", "world_size"))
 
 
 def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
@@ -458,7 +460,7 @@ def _guarded(batches: Iterator[Any], spec: str) -> Iterator[Any]:
         except VarshiftError:
             raise
         except (Exception, SystemExit) as exc:
-            raise DataError(f"--data {spec!r} failed while producing batch {index} "
+            raise DataError(f"`data` {spec!r} failed while producing batch {index} "
                             f"({type(exc).__name__}: {one_line(exc)})") from exc
         yield raw
         del raw  # hold no batch while the caller works on it
@@ -482,9 +484,9 @@ def load_data(
         DataError: a one-line message naming the problem and the supported formats.
     """
     if batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+        raise DataError(f"`batch_size` must be >= 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
-        raise DataError(f"--max-batches must be >= 1, got {max_batches}")
+        raise DataError(f"`max_batches` must be >= 1, got {max_batches}")
     check_max_samples(max_samples)
     text = str(spec)
     path = Path(text)
@@ -511,7 +513,7 @@ def check_max_samples(max_samples: int | None) -> None:
     """Raises DataError unless ``max_samples`` is None or a positive integer."""
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
-        raise DataError(f"--max-samples must be an integer >= 1, got {max_samples!r}")
+        raise DataError(f"`max_samples` must be an integer >= 1, got {max_samples!r}")
 
 
 def as_batches(batches: Iterable[Any], once: bool = False,

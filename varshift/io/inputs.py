@@ -1,11 +1,19 @@
-"""Example inputs for tracing and export."""
+"""Example inputs for tracing and export.
+
+:func:`fit_error` and :func:`expected_input` (the message for inputs that do not fit a model)
+live in :mod:`varshift.calling`, which raises it when the model rejects a batch; they are
+importable from here too.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .._torch_utils import model_device, model_dtype
+from .._torch_utils import model_device, model_dtype, preserved_modes
+from ..calling import expected_input, fit_error, forward_signature
+
+__all__ = ["check_example", "example_input", "expected_input", "fit_error", "shape_hint"]
 
 
 def example_input(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -18,26 +26,6 @@ def example_input(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> to
     return x.to(model_device(model))
 
 
-def expected_input(model: nn.Module) -> str | None:
-    """What the model's first weighted layer expects, e.g. ``features.0 (Conv2d) expects
-    (N, 3, H, W)``; None when it cannot tell. A heuristic for error messages."""
-    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}
-    for name, m in model.named_modules():
-        desc = None
-        if isinstance(m, nn.modules.conv._ConvNd):
-            dims = len(m.kernel_size)
-            desc = f"(N, {m.in_channels}, {spatial.get(dims, '...')})"
-        elif isinstance(m, nn.Linear):
-            desc = f"(N, {m.in_features}) or (N, ..., {m.in_features})"
-        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            desc = f"integer token ids < {m.num_embeddings}"
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and hasattr(m, "num_features"):
-            desc = f"(N, {m.num_features}, ...)"
-        if desc:
-            return f"the first layer {name or '(root)'} ({type(m).__name__}) expects {desc}"
-    return None
-
-
 #: Example sizes for the spatial dimensions of a hint, by the first layer's rank.
 _HINT_SPATIAL = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
 
@@ -46,8 +34,6 @@ def shape_hint(model: nn.Module) -> str | None:
     """An ``--input-shape`` for the model, from its first weighted layer: ``1,22,256`` for an
     EEG net whose first layer is ``Conv1d(22, ...)``, ``1,3,224,224`` for an image net; None
     when the model takes something a shape cannot describe (token ids, several inputs)."""
-    from ..calling import forward_signature
-
     sig = forward_signature(model)
     if sig is not None and sig.required > 1:
         return None
@@ -65,29 +51,6 @@ def shape_hint(model: nn.Module) -> str | None:
     return None
 
 
-def fit_error(model: nn.Module, x, exc: BaseException, where: str = "DATA"):
-    """A one-line DataError for inputs (a tensor or an Invocation) that do not fit ``model``."""
-    from ..errors import DataError, one_line
-
-    detail = one_line(exc, 240)
-    expected = expected_input(model)
-    hint = f"; {expected}" if expected else ""
-    return DataError(
-        f"{where} does not fit the model: {_what(x)}{hint} ({type(exc).__name__}: {detail})"
-    )
-
-
-def _what(x) -> str:
-    from ..calling import Invocation, describe
-
-    if isinstance(x, Invocation) and x.call is None and len(x.args) == 1 and not x.kwargs \
-            and isinstance(x.args[0], torch.Tensor):
-        x = x.args[0]
-    if isinstance(x, torch.Tensor):
-        return f"inputs of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
-    return f"inputs {describe(x)}"
-
-
 def check_example(model: nn.Module, x: torch.Tensor) -> None:
     """Run ``model`` once on the example input ``x`` (eval mode, no grad; modes and the
     global RNG restored), so that an example that does not fit the model is an error even
@@ -96,11 +59,9 @@ def check_example(model: nn.Module, x: torch.Tensor) -> None:
     Raises:
         DataError: the model does not run on ``x`` (one line naming its shape).
     """
-    from .._torch_utils import preserved_modes
-
     with preserved_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
         model.eval()
         try:
             model(x)
         except Exception as exc:
-            raise fit_error(model, x, exc, where="the example input (--input-shape)") from None
+            raise fit_error(model, x, exc, where="the example input (`input_shape`)") from None
