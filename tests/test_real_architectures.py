@@ -280,7 +280,7 @@ def test_dynamic_tracer_gives_the_same_report(case_id: str) -> None:
 
 def test_untraceable_model_needs_an_example_input() -> None:
     a = analysed("timm_mobilevit_xxs")
-    with pytest.raises(TraceError, match="--input-shape"):
+    with pytest.raises(TraceError, match="`input_shape`"):
         varshift.scan(a.model)
     assert a.report.traced_with == "dynamic"
     assert any("could not trace" in note for note in a.report.notes)

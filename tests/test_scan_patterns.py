@@ -398,8 +398,13 @@ def test_functional_dropout_without_training_flag_is_on_at_inference() -> None:
 
 def test_untraceable_model_needs_input_shape() -> None:
     model, x = build(next(c for c in CASES if c.factory is M.DataDependent))
-    with pytest.raises(TraceError, match="--input-shape"):
+    with pytest.raises(TraceError, match="`input_shape`") as caught:
         varshift.scan(model)
+    # the library names its parameters; the command line reads them as the old flags
+    from varshift.cli.terms import flags
+
+    assert "; pass --input-shape (for example --input-shape 1,3,224,224) or --data so " in flags(
+        str(caught.value))
     report = varshift.scan(model, example_input=x)
     assert report.traced_with == "dynamic"
     assert any("(4, 3, 8, 8)" in note for note in report.notes)
@@ -564,3 +569,42 @@ def test_which_layers_are_norms(norm, is_norm: bool) -> None:
     assert [f.rule for f in report.findings] == (
         ["regularizer-before-norm"] if is_norm else
         ["norm-without-running-stats"] if batch_stats else [])  # #9: a finding of its own
+
+
+# --------------------------------------------------------------------------- the package
+
+
+def test_the_graph_package_reexports_its_modules_names() -> None:
+    """``varshift.graph`` is a façade over model/builder/fx/dynamic/stochastic: its functions
+    are functions (no submodule of the same name shadows one), and the fx tracer's class keeps
+    the qualified name that GraphModules saved by `swap` spell."""
+    import io
+    import pickle
+    import types
+
+    for name in ("dynamic_graph", "fx_graph", "fx_graph_module", "fx_owner", "trace",
+                 "mark_stochastic", "is_leaf", "_fx_trace"):
+        assert isinstance(getattr(vgraph, name), types.FunctionType), name
+    for name in ("Op", "DataflowGraph", "Namer", "Behaviour", "_LeafTracer"):
+        assert isinstance(getattr(vgraph, name), type), name
+    assert vgraph.kinds.STOCHASTIC == "stochastic" and callable(vgraph.sources.caller_location)
+    assert vgraph._LeafTracer.__module__ == "varshift.graph"
+    assert b"varshift.graph\n_LeafTracer" in pickle.dumps(vgraph._LeafTracer, protocol=2)
+    swapped, _ = varshift.swap(M.FunctionalDropoutBN())
+    assert isinstance(swapped, torch.fx.GraphModule)
+    buf = io.BytesIO()
+    torch.save(swapped, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded._tracer_cls is vgraph._LeafTracer
+
+
+def test_the_graph_imports_none_of_the_stages_that_read_it() -> None:
+    """graph/ is read by rules/, measure/, fix/ and report/, and imports none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, varshift.graph; print(' '.join(sorted(m for m in sys.modules if "
+            "m.split('.')[:2][-1] in ('rules', 'measure', 'fix', 'report', 'reports'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -198,3 +198,12 @@ def test_torchvision_densenet_functional_dropout_line() -> None:
     assert reg.defined_at is None  # a function call: nothing was created
     norm2 = report.norm("features.denseblock2.denselayer3.norm2")
     assert norm2.defined_at == SourceLocation(tv_file, line_of(_DenseLayer.__init__, "self.norm2 = "))
+
+
+def test_source_location_is_one_class_under_every_name() -> None:
+    """graph/ reads it from varshift._types; the reports re-export the same class."""
+    import varshift._types
+    import varshift.report.results
+
+    assert SourceLocation is varshift.report.results.SourceLocation is varshift._types.SourceLocation
+    assert str(SourceLocation("a.py", 3, "f")) == "a.py:3 in f" and str(SourceLocation("a.py", 3)) == "a.py:3"

@@ -4,6 +4,8 @@ running the models (tests/arch_helpers.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from varshift import graph as vgraph
 from varshift import rules
 
 import arch_helpers as H
+from fixtures import models as M
 from fixtures import probe_models as P
 from fixtures import stochastic_models as S
 
@@ -43,6 +46,26 @@ def test_home_made_drop_path(style, tracer):
     assert reg.p == pytest.approx(0.3)
     finding = next(f for f in report.findings if f.regularizer == reg.name)
     assert finding.predicted_shift == pytest.approx(1 / 0.7)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "dynamic"])
+def test_a_stochastic_op_keeps_its_op_and_line_apart(tracer):
+    """The graph holds the op (``mul``) and its line as data; only the report joins them into
+    its ``type`` (``mul at stochastic_models.py:N in drop_connect``)."""
+    model, x = S.StochasticNet("drop_connect").eval(), P.images(2, seed=1)
+    graph = vgraph.fx_graph(model) if tracer == "fx" else vgraph.dynamic_graph(model, x)
+    [op] = [o for o in graph.ops if o.reg is not None and o.reg.kind == "stochastic"]
+    assert op.behaviour is vgraph.Behaviour.RANDOM_OPERAND
+    assert op.target == "mul" and op.name == "block:drop_connect"
+    assert (os.path.basename(op.source.file), op.source.function) == (
+        "stochastic_models.py", "drop_connect")
+    [reg] = [r for r in rules.scan_graph(graph).regularizers if r.kind == "stochastic"]
+    assert reg.type == f"mul at stochastic_models.py:{op.source.line} in drop_connect"
+    assert reg.source == op.source
+    # a regularizer recognized by name has no behaviour, and its type is its class
+    plain = vgraph.fx_graph(M.ModuleDropoutBN())
+    assert [(o.target, o.behaviour) for o in plain.ops if o.role == vgraph.REGULARIZER] == [
+        ("Dropout", None)]
 
 
 def test_probe_and_recalibrate_fix_a_home_made_drop_path():
@@ -80,6 +103,12 @@ def test_layerdrop_scan_is_the_same_every_run():
     assert names == ["layers.0.1", "layers.1.1", "layers.2.1", "out_bn"]  # every layer seen
     regs = [r for r in reports[0]["regularizers"] if r["kind"] == "stochastic"]
     assert [r["name"] for r in regs] == [":random_control_flow"]
+    assert [r["type"] for r in regs] == ["random control flow"]
+    # in the graph the decision is a structured op: what decided (a tensor's __bool__), where
+    graph = vgraph.dynamic_graph(model, x)
+    [op] = [o for o in graph.ops if o.behaviour is vgraph.Behaviour.RANDOM_CONTROL_FLOW]
+    assert (op.name, op.target, op.role) == (":random_control_flow", "__bool__", "regularizer")
+    assert op.source is not None and os.path.basename(op.source.file) == "stochastic_models.py"
     # skipping layer k changes the input of every later layer's BatchNorm, not layer 0's
     got = {n["name"] for n in reports[0]["norms"] if n["affected"]}
     assert got == {"layers.1.1", "layers.2.1", "out_bn"}

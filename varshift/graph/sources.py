@@ -26,7 +26,7 @@ import textwrap
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ..report.results import SourceLocation
+from .._types import SourceLocation
 
 if TYPE_CHECKING:
     import torch.nn as nn
