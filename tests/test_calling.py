@@ -128,7 +128,7 @@ def test_dict_output_metrics_read_logits_and_output_key():
     emb = model(x)["embedding"].double()
     assert rep2.before.nll == pytest.approx(
         torch.nn.functional.cross_entropy(emb, y).item(), rel=1e-6)
-    with pytest.raises(DataError, match="--output-key 'scores' is not in the model's output "
+    with pytest.raises(DataError, match="`output_key` 'scores' is not in the model's output "
                                         r"\(keys: embedding, logits\)"):
         varshift.recalibrate(model, batches, output_key="scores")
 
@@ -359,7 +359,7 @@ class EEGNet(nn.Module):
 def test_the_input_shape_hint_comes_from_the_first_layer(tmp_path, cli, save):
     from varshift.errors import TraceError
 
-    with pytest.raises(TraceError, match=r"--input-shape 1,22,256\) or --data"):
+    with pytest.raises(TraceError, match=r"`input_shape=1,22,256`\) or `data`"):
         varshift.scan(EEGNet())
     from varshift.inputs import shape_hint
 

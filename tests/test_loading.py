@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from varshift.cli.terms import flags
 from varshift.errors import ArchError, LoadError, RefusedPickleError, StateDictMismatch
 from varshift.loading import load_model, parse_arch_args, resolve_arch
 
@@ -65,7 +66,7 @@ def test_whole_module_with_arch_is_noted(save) -> None:
     path = save(M.plain_dropout_bn())
     loaded = load_model(path, arch=FIXTURE_ARCH)
     assert loaded.form == "module"
-    assert any("--arch" in note and "not needed" in note for note in loaded.notes)
+    assert any(f"`arch={FIXTURE_ARCH!r}` was not needed" in note for note in loaded.notes)
 
 
 def test_safe_globals_do_not_leak(save) -> None:
@@ -81,7 +82,9 @@ def test_custom_class_is_refused_and_named(save, zip_format: bool) -> None:
         load_model(path)
     message = str(info.value)
     assert "fixtures.models.ModuleDropoutBN" in message
-    assert "--trust" in message and "--arch" in message
+    assert "`trust=True`" in message and "`arch='pkg.module:fn'`" in message
+    # the library names its parameters; the command line reads them as its flags
+    assert "pass --arch pkg.module:fn with a state dict, or --trust if you trust" in flags(message)
     assert "\n" not in message
     assert info.value.classes == ["fixtures.models.ModuleDropoutBN"]
 
@@ -105,7 +108,7 @@ def test_trust_loads_custom_class(save) -> None:
 def test_legacy_whole_module_is_refused_without_trust(save) -> None:
     """Legacy (pre-zip) whole-module saves store source code: only --trust reads them."""
     path = save(M.plain_dropout_bn(), _use_new_zipfile_serialization=False)
-    with pytest.raises(RefusedPickleError, match="--trust"):
+    with pytest.raises(RefusedPickleError, match="`trust=True`"):
         load_model(path)
     assert isinstance(load_model(path, trust=True).module, nn.Sequential)
 
@@ -170,7 +173,7 @@ def test_malicious_pickle_never_runs(tmp_path: Path, kind: str, cli) -> None:
     assert "\n" not in str(info.value)
     if kind in ("zip", "legacy", "in_checkpoint", "in_module"):
         assert isinstance(info.value, RefusedPickleError)
-        assert "io.open" in str(info.value) and "--trust" in str(info.value)
+        assert "io.open" in str(info.value) and "`trust=True`" in str(info.value)
 
     result = cli("scan", path, "--arch", FIXTURE_ARCH)
     assert result.code == 2
@@ -288,8 +291,11 @@ def test_shape_mismatch_message(save) -> None:
 
 
 def test_state_dict_without_arch_asks_for_it(save) -> None:
-    with pytest.raises(LoadError, match=r"state dict \(16 tensors\).*--arch"):
+    with pytest.raises(LoadError, match=r"state dict \(16 tensors\).*`arch='pkg.module:fn'`") as info:
         load_model(save(M.plain_dropout_bn().state_dict()))
+    assert flags(str(info.value)).endswith(
+        "pass --arch pkg.module:fn or --arch path/to/file.py:fn (and --arch-args '{...}' for its "
+        "arguments)")
 
 
 def test_num_batches_tracked_may_be_missing(save) -> None:
@@ -306,11 +312,12 @@ def test_num_batches_tracked_may_be_missing(save) -> None:
 def test_parse_arch_args() -> None:
     assert parse_arch_args(None) == {} and parse_arch_args("") == {}
     assert parse_arch_args('{"p": 0.1, "name": "x"}') == {"p": 0.1, "name": "x"}
-    with pytest.raises(ArchError, match="not valid JSON"):
+    with pytest.raises(ArchError, match="^`arch_args` is not valid JSON"):
         parse_arch_args("{p: 1}")
     for text in ("[1, 2]", "3", '"x"', "null"):
-        with pytest.raises(ArchError, match="must be a JSON object"):
+        with pytest.raises(ArchError, match="^`arch_args` must be a JSON object") as info:
             parse_arch_args(text)
+        assert flags(str(info.value)).startswith("--arch-args must be a JSON object such as ")
 
 
 @pytest.mark.parametrize(
@@ -325,8 +332,9 @@ def test_parse_arch_args() -> None:
     ],
 )
 def test_resolve_arch_errors(spec: str, pattern: str) -> None:
-    with pytest.raises(ArchError, match=pattern):
+    with pytest.raises(ArchError, match=pattern) as info:
         resolve_arch(spec)
+    assert str(info.value).startswith(f"`arch` {spec!r}")  # the parameter; the CLI: --arch
 
 
 def test_arch_file_that_fails_to_import(tmp_path: Path, save) -> None:

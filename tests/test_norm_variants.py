@@ -170,11 +170,11 @@ def test_a_bare_batchnorm_is_the_model():
             assert torch.allclose(fixed.running_mean, x.mean(dims), rtol=1e-5, atol=1e-6)
             assert torch.allclose(fixed.running_var, x.var(dims), rtol=1e-5, atol=1e-6)
             assert fixed.num_batches_tracked.item() == len(chunks)
-            assert not rep.notes or "--all-norms" not in " ".join(rep.notes)
+            assert not rep.notes or "all_norms" not in " ".join(rep.notes)
         # the model itself is untouched (a copy is fixed)
         assert torch.equal(bn.running_mean, torch.zeros(3))
         _, rep = varshift.recalibrate(bn, chunks)  # no dropout: nothing to do, said so
-        assert any("use --all-norms" in n for n in rep.notes)
+        assert any("use `all_norms=True`" in n for n in rep.notes)
 
 
 def test_update_bn_cases_momentum_none_and_modes_restored():

@@ -91,3 +91,17 @@ def test_a_session_holds_no_group_outside_torchrun(tmp_path):
                            "--quiet"], session)
     # exit 1: the shipped dropout model is shifted; no error line; no group
     assert (code, line) == (1, None) and session.dist is None
+
+
+def test_swap_advises_in_the_words_of_its_caller(tmp_path, cli):
+    """The library's swap() has no data to pass: it names recalibrate; swap_file and the
+    command line, which take data, say to pass it."""
+    module = load_model(DROPOUT_BN).module
+    _, rep = varshift.swap(module)
+    assert rep.verdict.endswith("recalibrate them now with `varshift.recalibrate()`)")
+    from_file = varshift.swap_file(DROPOUT_BN, tmp_path / "s.pt")
+    assert from_file.verdict.endswith("pass `data` to recalibrate them now)")
+    res = cli("swap", DROPOUT_BN, "-o", tmp_path / "c.pt", "--format", "json")
+    assert res.code == 0
+    assert json.loads(res.out)["summary"]["verdict"].endswith(
+        "pass --data to recalibrate them now)")

@@ -17,6 +17,7 @@ import torch
 
 import varshift
 from varshift import render
+from varshift.cli.terms import localize
 
 from conftest import GOLDEN
 from fixtures import models as M
@@ -106,7 +107,7 @@ def recal_report(clean: bool = False, onnx: bool = True) -> RecalibrationReport:
                   _fix("4", False, 1.0027, 1.0027, 0.5796, 0.5796)]
         passes = batches = 0
         notes = ["no BatchNorm layer is reached by an active regularizer; nothing to recalibrate "
-                 "(use --all-norms to recalibrate every BatchNorm)"]
+                 "(use `all_norms=True` to recalibrate every BatchNorm)"]
     else:
         layers = [_fix("1", False, 1.00229, 1.00229, 0.0435847, 0.0435847),
                   _fix("5", True, 2.34068, 1.0, 1.57237, 0.671749),
@@ -136,7 +137,9 @@ def swap_report(recalibrated: bool) -> SwapReport:
         rec.before, rec.after = Metrics(1.0, 0.0073, 512, False), Metrics(1.0, 0.0007, 512, False)
     return SwapReport(model="Sequential", to="uout", beta=0.1, entries=entries, graph_module=False,
                       recalibration=rec, output="out/swapped.pt",
-                      source="sample_models/digits_dropout_bn.pt")
+                      source="sample_models/digits_dropout_bn.pt",
+                      # what swap_file says (the library's swap() has no `data` to pass)
+                      remedy="pass `data` to recalibrate them now")
 
 
 BUILT = {
@@ -164,7 +167,8 @@ def _check_golden(path: Path, actual: str, update: bool) -> None:
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("fmt,ext", [("text", "txt"), ("markdown", "md")])
 def test_golden(name: str, fmt: str, ext: str, update_golden: bool) -> None:
-    actual = render.render_to_string(_report(name), fmt, width=WIDTH)
+    # the golden files are what the command line prints: its reports speak in flags
+    actual = render.render_to_string(localize(_report(name)), fmt, width=WIDTH)
     assert "\x1b" not in actual
     if fmt == "text":
         assert max(len(line) for line in actual.splitlines()) <= WIDTH
@@ -175,7 +179,7 @@ def test_golden(name: str, fmt: str, ext: str, update_golden: bool) -> None:
 @pytest.mark.parametrize("name", sorted(BUILT))
 @pytest.mark.parametrize("fmt,ext", [("text", "txt"), ("markdown", "md")])
 def test_golden_built(name: str, fmt: str, ext: str, update_golden: bool) -> None:
-    actual = render.render_to_string(BUILT[name](), fmt, width=WIDTH)
+    actual = render.render_to_string(localize(BUILT[name]()), fmt, width=WIDTH)
     assert "\x1b" not in actual
     if fmt == "text":
         assert max(len(line) for line in actual.splitlines()) <= WIDTH
@@ -232,6 +236,32 @@ def test_probe_table_never_breaks_a_number(width: int) -> None:
         assert "left out" not in flat and "bar: log scale" in flat
     if width <= 80:
         assert "left out at this width" in flat
+
+
+def test_library_reports_name_parameters_and_the_cli_reads_flags() -> None:
+    """A report speaks to a Python user in parameters (```data```, ```all_norms=True```); the
+    command line's localized copy says the same in flags, and the report is not changed."""
+    swap, clean = swap_report(False), recal_report(clean=True)
+    for report, library, cli in ((swap, "pass `data` to recalibrate them now", "pass --data to"),
+                                 (clean, "(use `all_norms=True` to", "(use --all-norms to")):
+        for fmt in ("text", "markdown", "json", "html"):
+            said = " ".join(render.render_to_string(report, fmt, width=WIDTH).split())
+            assert library in said and "--data" not in said and "--all-norms" not in said, fmt
+            localized = " ".join(render.render_to_string(localize(report), fmt, width=WIDTH).split())
+            assert cli in localized and library not in localized, fmt
+    assert swap.remedy == "pass `data` to recalibrate them now"
+    bare = SwapReport(model="M", to="uout", beta=0.1, entries=swap.entries, graph_module=False)
+    assert bare.remedy == "recalibrate them now with `varshift.recalibrate()`"
+    assert localize(bare).verdict.endswith("recalibrate them now with `varshift recalibrate`)")
+    # a finding's remedy names the library call; the command line reads it as the command
+    scan = _report("module_dropout_bn")
+    (finding,) = scan.findings
+    assert finding.remedy.startswith("`varshift.recalibrate(exact=True)`; or `varshift.swap` to ")
+    assert localize(scan).findings[0].remedy.startswith(
+        "`varshift recalibrate --exact`; or `varshift swap` to Uout and fine-tune")
+    assert finding.remedy.startswith("`varshift.recalibrate(")  # the report is not changed
+    assert swap.verdict.endswith("(BatchNorm still holds the old statistics: pass `data` to "
+                                 "recalibrate them now)")
 
 
 def test_golden_files_have_no_machine_paths() -> None:

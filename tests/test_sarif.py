@@ -45,7 +45,7 @@ def test_functional_sample_model_findings_land_on_their_lines(cli) -> None:
     validate(doc)
     (run,) = doc["runs"]
     rules = [r["id"] for r in run["tool"]["driver"]["rules"]]
-    assert rules == ["regularizer-before-norm", "dropout-at-inference"]
+    assert rules == ["regularizer-before-norm", "dropout-at-inference", "norm-without-running-stats"]
     assert all(r["help"]["markdown"] and r["helpUri"] for r in run["tool"]["driver"]["rules"])
 
     source = (REPO / "sample_models" / "digits_functional.py").read_text().splitlines()
@@ -99,6 +99,26 @@ def test_always_on_dropout_and_warning_levels() -> None:
     doc = to_sarif(varshift.scan(M.plain_warning()))
     validate(doc)
     assert [r["level"] for r in doc["runs"][0]["results"]] == ["warning"]
+
+
+def test_every_rule_has_help_and_a_norm_without_running_stats_is_reported() -> None:
+    """Every rule of the catalogue has SARIF help; a BatchNorm without running statistics (a
+    finding of its own rule) is a result, not a crash."""
+    import torch.nn as nn
+
+    import varshift
+    from varshift.catalog import RULES
+    from varshift.report.sarif import RULE_HELP, to_sarif
+
+    assert list(RULE_HELP) and set(RULE_HELP) == set(RULES)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    doc = to_sarif(varshift.scan(model))
+    validate(doc)
+    (run,) = doc["runs"]
+    (result,) = run["results"]
+    assert result["ruleId"] == "norm-without-running-stats" and result["level"] == "warning"
+    rule = run["tool"]["driver"]["rules"][result["ruleIndex"]]
+    assert rule["id"] == result["ruleId"] and rule["fullDescription"]["text"] == RULES[rule["id"]]
 
 
 @pytest.mark.parametrize("argv", [

@@ -171,7 +171,7 @@ def test_untraceable_functional_dropout_is_listed_as_skipped() -> None:
     assert not rep  # not everything was swapped
     assert "could not be swapped" in rep.verdict
     assert not uouts(swapped)
-    with pytest.raises(VarshiftError, match="input-shape"):
+    with pytest.raises(VarshiftError, match="`input_shape`"):
         varshift.swap(model)  # no example input: cannot even find it
 
 

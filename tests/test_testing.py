@@ -3,6 +3,7 @@ model and its data, and in a real pytest run of a user's test file."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -41,7 +42,8 @@ def test_shifted_model_fails_with_a_table_of_the_offending_layers(sample) -> Non
         row = next(r for r in lines if r.split()[:1] == [l.name])
         assert f"{l.shift:.3f}x" in row and f"{l.train_shift:.3f}x" in row and "4" in row.split()
     assert not any(r.split()[:1] == ["1"] for r in lines)  # layer 1 is within 1.05x
-    assert "varshift recalibrate MODEL --data DATA --exact" in message
+    assert "`fixed, report = varshift.recalibrate(model, batches, exact=True)`" in message
+    assert not re.search(r"(?<![\w-])--[a-z]", message)  # a Python helper: no command-line flags
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -67,7 +69,7 @@ def test_static_check_names_the_line_and_the_fix() -> None:
     assert f"tests/fixtures/models.py:{line} in forward" in message
     assert message.startswith("1 regularizer shifts the statistics of 2 of 3 BatchNorm layers")
     assert "drop" in message and "bn1" in message and "~1.25x" in message
-    assert "fix: `varshift recalibrate --exact`" in message
+    assert "fix: `varshift.recalibrate(exact=True)`; or `varshift.swap` to Uout" in message
 
 
 def test_static_check_passes_clean_and_uout_models_and_honours_fail_on() -> None:

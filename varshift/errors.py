@@ -58,11 +58,11 @@ class RefusedPickleError(LoadError):
 
 
 class ArchError(LoadError):
-    """``--arch`` / ``--arch-args`` do not name a callable that builds a module."""
+    """``arch`` / ``arch_args`` do not name a callable that builds a module."""
 
 
 class StateDictMismatch(LoadError):
-    """A state dict does not fit the module built by ``--arch``."""
+    """A state dict does not fit the module built by ``arch``."""
 
 
 class TraceError(VarshiftError):
@@ -91,7 +91,7 @@ class OutputError(VarshiftError):
 
 
 class CallError(DataError):
-    """``--call`` could not be resolved, raised, or returned no usable output."""
+    """``call`` could not be resolved, raised, or returned no usable output."""
 
 
 class RemoteError(VarshiftError):

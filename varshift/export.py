@@ -318,7 +318,7 @@ def _example_inputs(example_input: Any, batch_list: list) -> tuple[torch.Tensor,
     if example_input is None:
         if not batch_list:
             raise DataError("export needs an example input or calibration batches; "
-                            "give --input-shape or --data")
+                            "give `example_input`")
         example = batch_list[0]
     else:
         example = _as_inputs(example_input, "the example input")

@@ -543,7 +543,8 @@ def run_swap(model: ModelSpec, swap: SwapOptions, data: DataSpec | None,
     if rep.graph_module or loaded.form != "module":
         notes.append("loading the output needs `trust=True` (it holds code or classes beyond "
                      "torch.nn)")
-    rep = dataclasses.replace(rep, source=str(model.path), notes=notes)
+    rep = dataclasses.replace(rep, source=str(model.path), notes=notes,
+                              remedy="pass `data` to recalibrate them now")
     if not d.is_main:
         return rep
     import torch
@@ -606,6 +607,8 @@ def run_export(model: ModelSpec, data: DataSpec | None, example: Example,
     loaded = _model(model)
     batches = _data(data) if data else None
     from .export import export_onnx
+
+    assert outputs.output is not None
 
     rep = export_onnx(loaded.module, outputs.output, example.build(loaded.module),
                       batches=batches, atol=atol, rtol=rtol,

@@ -1,6 +1,6 @@
 """The library's modes and option objects, validated once where they enter.
 
-Modes are :class:`~enum.StrEnum` members: a plain string (``"last"``) is accepted wherever
+Modes are :class:`Mode` members (string enums): a plain string (``"last"``) is accepted wherever
 one is (a member *is* its string), and :func:`choice` turns it into the member at the
 entrance, with the one message every entrance gives for a bad value. Inside the library only
 members travel.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from ._types import Progress
@@ -34,7 +34,15 @@ if TYPE_CHECKING:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class Labels(StrEnum):
+class Mode(str, Enum):
+    """A mode: an enum whose members are their strings (``Labels.LAST == "last"``, and
+    ``f"{Labels.LAST}"`` is ``"last"``), as :class:`enum.StrEnum` of Python 3.11."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Labels(Mode):
     """How a tuple batch splits into inputs and labels (see :mod:`varshift.calling`)."""
 
     AUTO = "auto"  #: a trailing integer tensor of the batch's length is the labels
@@ -42,7 +50,7 @@ class Labels(StrEnum):
     LAST = "last"  #: the last item is the labels
 
 
-class FailOn(StrEnum):
+class FailOn(Mode):
     """The severity of a scan finding at which ``bool(report)`` turns False."""
 
     ERROR = "error"
@@ -50,7 +58,7 @@ class FailOn(StrEnum):
     NEVER = "never"
 
 
-class ExactPath(StrEnum):
+class ExactPath(Mode):
     """How the exact estimator runs (docs/concepts.md, "Estimators")."""
 
     AUTO = "auto"  #: the frontier where the model allows it, else one pass per level
@@ -58,7 +66,7 @@ class ExactPath(StrEnum):
     LEVELS = "levels"  #: one pass per dependency level
 
 
-E = TypeVar("E", bound=StrEnum)
+E = TypeVar("E", bound=Mode)
 
 
 def choice(kind: type[E], value: Any, param: str,
@@ -160,7 +168,7 @@ class CallSpec:
     """
 
     call: Any = None
-    labels: Labels = Labels.AUTO
+    labels: Labels | str = Labels.AUTO
     output_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -214,7 +222,7 @@ class RecalibrateOptions:
     """
 
     exact: bool = False
-    exact_path: ExactPath = ExactPath.AUTO
+    exact_path: ExactPath | str = ExactPath.AUTO
     cache_mb: float | None = None
     all_norms: bool = False
     include_frozen: bool = False

@@ -68,8 +68,7 @@ def assert_no_variance_shift(
     caused = [l for l in bad if l.reached_by]
     fix = (
         "fix: recompute the BatchNorm statistics with dropout off: "
-        "`fixed, report = varshift.recalibrate(model, batches, exact=True)`, or on the command "
-        "line `varshift recalibrate MODEL --data DATA --exact --output FIXED`"
+        "`fixed, report = varshift.recalibrate(model, batches, exact=True)`"
     )
     if not caused:
         fix = ("no regularizer reaches these layers: the batches may not look like the training "

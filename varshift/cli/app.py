@@ -155,11 +155,14 @@ class DataOptions:
                      "last (the last item is the labels)."),
     ] = LabelsMode.auto
 
-    def spec(self, data: str | None) -> DataSpec | None:
-        """How to read ``data`` (None without data)."""
-        if data is None:
-            return None
-        return DataSpec(data, self.batch_size, self.max_batches, self.max_samples)
+    def spec(self, data: str) -> DataSpec:
+        """How to read ``data``."""
+        return DataSpec(data, batch_size=self.batch_size, max_batches=self.max_batches,
+                        max_samples=self.max_samples)
+
+    def optional(self, data: str | None) -> DataSpec | None:
+        """How to read ``data`` (None without data: an optional ``--data``)."""
+        return None if data is None else self.spec(data)
 
     def calling(self, call: str | None = None, output_key: str | None = None) -> CallSpec:
         return CallSpec(call, Labels(self.labels.value), output_key)
@@ -473,7 +476,7 @@ def swap(
 
     with _Progress("recalibrating", out.quiet) as progress:
         rep = run_swap(model_opts.spec(model), SwapOptions(to, beta, Example(input_shape, seed)),
-                       data_opts.spec(data), eval_data,
+                       data_opts.optional(data), eval_data,
                        RecalibrateOptions(exact=exact, cache_mb=cache_mb),
                        data_opts.calling(call, output_key), data_opts.run(backend, progress),
                        Outputs(output, onnx, out.report))
@@ -504,7 +507,7 @@ def export(
         resolve_device(data_opts.device)  # refused where unavailable, as by every command
         _warn("--device does nothing for export (the export and its check run on the CPU) "
               "and will be removed")
-    rep = run_export(model_opts.spec(model), data_opts.spec(data), Example(input_shape, seed),
+    rep = run_export(model_opts.spec(model), data_opts.optional(data), Example(input_shape, seed),
                      (atol, rtol), data_opts.calling(), Outputs(output, report=out.report))
     return _emit(rep, out)
 

@@ -72,9 +72,32 @@ def _flag(match: re.Match) -> str:
     return f"{flag} {value.strip(chr(39) + chr(34))}"
 
 
+#: Library functions that are commands: ```varshift.recalibrate(exact=True)``` is the command
+#: line's ```varshift recalibrate --exact``` (keyword arguments become flags; positional ones,
+#: the model and its data, are left out).
+COMMANDS: dict[str, str] = {"scan": "scan", "probe": "probe", "recalibrate": "recalibrate",
+                            "swap": "swap", "export_onnx": "export"}
+
+_CALL = re.compile(r"`varshift\.([a-z][a-z0-9_]*)(?:\(([^`()\n]*)\))?`")
+
+
+def _command(match: re.Match) -> str:
+    command = COMMANDS.get(match.group(1))
+    if command is None:
+        return match.group(0)
+    words = ["varshift", command]
+    for arg in (a.strip() for a in (match.group(2) or "").split(",")):
+        if "=" not in arg:
+            continue
+        word = _NAME.sub(_flag, f"`{arg}`")
+        words.append(arg if word == f"`{arg}`" else word)
+    return "`" + " ".join(words) + "`"
+
+
 def flags(text: str) -> str:
-    """``text`` with every backticked library parameter written as its flag."""
-    return _NAME.sub(_flag, text) if "`" in text else text
+    """``text`` with every backticked library parameter written as its flag, and every
+    backticked call of a command's library function as the command."""
+    return _NAME.sub(_flag, _CALL.sub(_command, text)) if "`" in text else text
 
 
 #: The fields of report objects that hold prose (notes, remedies, reasons); other strings

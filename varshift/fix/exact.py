@@ -115,7 +115,7 @@ def _same_everywhere(per_forward: dict[str, int] | None, d: Dist) -> dict[str, i
 
 
 #: The values of ``exact_path`` (see :class:`~varshift.options.ExactPath`).
-EXACT_PATHS = tuple(p.value for p in ExactPath)
+EXACT_PATHS = tuple(p.value for p in list(ExactPath))
 
 
 def exact(job: Job, cal: Any, graph: DataflowGraph, path: ExactPath,

@@ -120,7 +120,7 @@ def check_cache_mb(cache_mb: float | None) -> None:
         ok = False
     if not ok:
         raise VarshiftError(
-            f"--cache-mb must be a number of MiB >= 0 (0 spills everything to disk), got "
+            f"`cache_mb` must be a number of MiB >= 0 (0 spills everything to disk), got "
             f"{cache_mb!r}"
         )
 
@@ -279,19 +279,35 @@ class _Slots:
             self.dir = None
 
 
+@dataclass(frozen=True)
+class Feed:
+    """What a frontier run reads.
+
+    Attributes:
+        batches: the calibration batches (read once).
+        prepare: a batch -> the traced graph's first input.
+        progress: ``progress(done, total_or_None)`` after each batch of each stage, or None.
+        total: the number of batches, when known.
+    """
+
+    batches: Iterable[Any]
+    prepare: Callable[[Any], torch.Tensor]
+    progress: Callable[[int, "int | None"], None] | None = None
+    total: int | None = None
+
+
 def run(
     p: FrontierPlan,
-    batches: Iterable[Any],
-    prepare: Callable[[Any], torch.Tensor],
+    feed: Feed,
     write: Callable[[str, ChannelMoments, int], None],
     cache_mb: float,
     device: torch.device,
     model: nn.Module,
-    progress: Callable[[int, "int | None"], None] | None = None,
-    total: int | None = None,
 ) -> FrontierRun:
-    """Run the plan over ``batches`` (read once), calling ``write(norm, moments, n_batches)``
-    at each cut. The model must already be in eval mode under ``no_grad``."""
+    """Run the plan over ``feed``'s batches (read once), calling
+    ``write(norm, moments, n_batches)`` at each cut. The model must already be in eval mode
+    under ``no_grad``."""
+    batches, prepare, progress, total = feed.batches, feed.prepare, feed.progress, feed.total
     nodes, cuts, free_after = p.nodes, p.cuts, p.free_after
     modules = dict(p.root.named_modules())
     consts: dict[torch.fx.Node, Any] = {}

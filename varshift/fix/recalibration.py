@@ -33,12 +33,13 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .._torch_utils import check_materialized
 from .._types import Progress
 from ..io.data import as_batches
 from ..measure.context import Context, Prepared, entering, prepare
 from ..measure.metrics import MetricSums, measure_eval, metrics_on, shift_of
 from ..measure.norms import InputStats, per_process_norms
-from ..options import CallSpec, RecalibrateOptions
+from ..options import CallSpec, ExactPath, RecalibrateOptions
 from ..report.results import ExactInfo, LayerFix, Metrics, RecalibrationReport
 from .exact import EXACT_PATHS, dependency_levels, exact, exact_levels
 from .population import Job, population, write_norm
@@ -119,6 +120,7 @@ def recalibrate(
     how = CallSpec(call=call, labels=labels, output_key=output_key)
     with entering(model, process_group=process_group, device=device,
                   progress=progress) as (module, ctx):
+        check_materialized(module)  # a lazy module cannot even be copied
         fixed = module if inplace else copy.deepcopy(module)
         return fixed, _recalibrate(fixed, Inputs(batches, eval_batches=eval_batches,
                                                  max_samples=max_samples), opts,
@@ -145,7 +147,7 @@ def _recalibrate(fixed: nn.Module, data: Inputs, opts: RecalibrateOptions, how: 
     targets = choose_targets(prep, opts)
     notes = target_notes(prep, targets, opts)
     held_out = data.eval_batches is not None
-    evaluation = as_batches(data.eval_batches) if held_out else prep.cal
+    evaluation = as_batches(data.eval_batches) if data.eval_batches is not None else prep.cal
     why_no_metrics: list[str] = []  # held-out data that cannot be scored is said, not dropped
     before = _Measured.take(fixed, prep, ctx, evaluation if held_out else None, why_no_metrics) \
         if opts.measure else None
@@ -157,7 +159,7 @@ def _recalibrate(fixed: nn.Module, data: Inputs, opts: RecalibrateOptions, how: 
         with per_process_norms(prep.norms):
             if opts.exact:
                 passes, n_batches, exact_info = exact(job, prep.cal, prep.graph,
-                                                      opts.exact_path, opts.cache_mb)
+                                                      ExactPath(opts.exact_path), opts.cache_mb)
                 notes.append(exact_info.note())
             else:
                 data_pass = prep.cal if opts.measure else prep.stream

@@ -70,9 +70,9 @@ def swap(
     from ..rules import scan
 
     if to not in TARGETS:
-        raise VarshiftError(f"--to {to!r} is not supported; choose one of: {', '.join(TARGETS)}")
+        raise VarshiftError(f"`to` {to!r} is not supported; choose one of: {', '.join(TARGETS)}")
     if not (isinstance(beta, (int, float)) and 0 < beta < 1):
-        raise VarshiftError(f"--beta must be in (0, 1), got {beta}")
+        raise VarshiftError(f"`beta` must be in (0, 1), got {beta}")
     check_materialized(model)
     out = model if inplace else copy.deepcopy(model)
     found = scan(out, example_input, call=call, labels=labels)

@@ -46,7 +46,7 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO
 
 def input_files(*specs: "str | os.PathLike | None") -> list[Path]:
     """The files a run reads, from its MODEL/DATA paths and ``pkg.module:fn`` /
-    ``file.py:fn`` specs (``--arch``, ``--data``, ``--call``); specs whose module cannot be
+    ``file.py:fn`` specs (``arch``, ``data``, ``call``); specs whose module cannot be
     located without running it are skipped. None entries are ignored."""
     out: list[Path] = []
     for spec in specs:
@@ -104,7 +104,8 @@ def check_output_path(out: "str | os.PathLike", what: str, inputs: Iterable = ()
 
     Args:
         out: the output path as the user gave it.
-        what: the option that named it, for messages (``--output``, ``--report``, ...).
+        what: the parameter that named it, for messages, in backticks (```output```,
+            ```report```, ...: the command line writes it as its flag).
         inputs: paths (or specs, see :func:`input_files`) of every file the run reads.
 
     Returns:

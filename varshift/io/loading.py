@@ -13,23 +13,19 @@ written back in the same form (see :func:`save_like`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import pickle
 import re
 import stat
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import (ArchError, ConstructorCall, LoadError, RefusedPickleError, StateDictMismatch,
-                      one_line)
+from .._usercode import resolve_callable
+from ..errors import ArchError, ConstructorCall, LoadError, RefusedPickleError, StateDictMismatch, one_line
 
 #: Checkpoint keys that hold the model's state dict, in order of preference.
 STATE_DICT_KEYS = (
@@ -50,7 +46,7 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 SUPPORTED = (
     "varshift reads torch.save files: a whole module (torch.save(model, path)), or a state dict "
-    "or training checkpoint with --arch pkg.module:fn"
+    "or training checkpoint with `arch='pkg.module:fn'`"
 )
 
 
@@ -67,7 +63,7 @@ class LoadedModel:
         container: what ``torch.load`` returned, for writing back in the same layout.
         state_path: the keys leading from ``container`` to the state dict (``()``: itself).
         key_map: module state-dict key -> the key in the file (prefixes the file had).
-        notes: things worth telling the user (an ignored ``--arch``, ...).
+        notes: things worth telling the user (an ignored ``arch``, ...).
     """
 
     module: Any
@@ -269,7 +265,7 @@ def _torch_load(path: Path, trust: bool) -> Any:
         if trust and isinstance(exc, (AttributeError, ModuleNotFoundError, ImportError)):
             raise LoadError(
                 f"{path} needs code that is not importable here ({text}); make the model's "
-                "package importable, or save a state dict and pass --arch"
+                "package importable, or save a state dict and pass `arch`"
             )
         raise LoadError(f"{path} could not be loaded ({type(exc).__name__}: {text})")
 
@@ -342,7 +338,7 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
     safe = _safe_names()
     needed = sorted({c for c in classes if c not in safe}) or classes
     advice = (
-        "pass --arch pkg.module:fn with a state dict, or --trust if you trust this file "
+        "pass `arch='pkg.module:fn'` with a state dict, or `trust=True` if you trust this file "
         "(unpickling can run arbitrary code)"
     )
     if not needed:
@@ -368,96 +364,42 @@ def _refusal(path: Path, exc: Exception) -> RefusedPickleError:
 
 
 def parse_arch_args(text: str | None) -> dict:
-    """Parse ``--arch-args``: a JSON object (None or empty: ``{}``)."""
+    """Parse ``arch_args`` given as text: a JSON object (None or empty: ``{}``)."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ArchError(f"--arch-args is not valid JSON ({exc.msg} at char {exc.pos}): {text!r}")
+        raise ArchError(f"`arch_args` is not valid JSON ({exc.msg} at char {exc.pos}): {text!r}")
     if not isinstance(value, dict):
         raise ArchError(
-            f"--arch-args must be a JSON object such as '{{\"drop_rate\": 0.2}}', got {text!r}"
+            f"`arch_args` must be a JSON object such as '{{\"drop_rate\": 0.2}}', got {text!r}"
         )
     return value
 
 
-def resolve_arch(spec: str, option: str = "--arch") -> Callable:
-    """Import ``pkg.module:callable`` or ``path/to/file.py:callable``; error messages name
-    ``option`` (``--arch``, ``--data``, ...)."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ArchError(
-            f"{option} {spec!r} must be pkg.module:callable or path/to/file.py:callable"
-        )
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        module = _import_file(Path(target), spec, option)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
-            raise ArchError(f"{option} {spec!r}: cannot import {target!r} from the current "
-                            f"directory or sys.path ({type(exc).__name__}: {one_line(exc)})")
-    fn = getattr(module, attr, None)
-    if fn is None:
-        options = sorted(
-            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-        )
-        raise ArchError(
-            f"{option} {spec!r}: {target} has no attribute {attr!r}; callables there: "
-            f"{', '.join(options[:12]) or 'none'}"
-        )
-    if not callable(fn):
-        raise ArchError(f"{option} {spec!r}: {attr} is a {type(fn).__name__}, not callable")
-    return fn
+def resolve_arch(spec: str) -> Callable:
+    """Import the ``arch`` spec ``pkg.module:callable`` or ``path/to/file.py:callable`` (see
+    :func:`varshift._usercode.resolve_callable`).
 
-
-def _import_file(path: Path, spec: str, option: str = "--arch"):
-    if not path.is_file():
-        raise ArchError(f"{option} {spec!r}: no such file {path}")
-    # Import it under its own file name when that is free, as `python file.py`'s neighbours
-    # would: then whole-module pickles of its classes name `<stem>.<Class>`, importable again
-    # with the folder on sys.path (or with the same --arch, which is imported before unpickling).
-    resolved = path.resolve()
-    name = path.stem if path.stem.isidentifier() else f"varshift_arch_{path.stem}"
-    existing = sys.modules.get(name)
-    if existing is not None:
-        if Path(getattr(existing, "__file__", "") or "").resolve() == resolved:
-            return existing
-        digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
-        name = f"varshift_arch_{digest}_{path.stem}"
-        if name in sys.modules:
-            return sys.modules[name]
-    loader_spec = importlib.util.spec_from_file_location(name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise ArchError(f"{option} {spec!r}: {path} is not an importable Python file")
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[name] = module
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)
-    try:
-        loader_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
-        del sys.modules[name]
-        raise ArchError(f"{option} {spec!r}: importing {path} failed ({type(exc).__name__}: "
-                        f"{one_line(exc)})")
-    finally:
-        sys.path.remove(folder)
-    return module
+    Raises:
+        ArchError: the spec does not name a callable.
+    """
+    return resolve_callable(spec, "arch", ArchError)
 
 
 def build_arch(spec: str, arch_args: dict) -> Any:
-    """Call the ``--arch`` callable with ``arch_args`` and check it returns an nn.Module."""
+    """Call the ``arch`` callable with ``arch_args`` and check it returns an nn.Module."""
     import torch.nn as nn
 
     fn = resolve_arch(spec)
     try:
         module = fn(**arch_args)
     except (Exception, SystemExit) as exc:  # user code that calls sys.exit() too
-        raise ArchError(f"--arch {spec!r}: calling it with {json.dumps(arch_args)} failed "
+        raise ArchError(f"`arch` {spec!r}: calling it with {json.dumps(arch_args)} failed "
                         f"({type(exc).__name__}: {one_line(exc)})")
     if not isinstance(module, nn.Module):
-        raise ArchError(f"--arch {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
+        raise ArchError(f"`arch` {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
@@ -528,7 +470,7 @@ def load_state_into(module: Any, state: dict, source: str) -> dict[str, str]:
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es) (file vs model): {_few(shapes, 3)}")
         raise StateDictMismatch(
-            f"the state dict in {source} does not fit the module --arch built: " + "; ".join(parts)
+            f"the state dict in {source} does not fit the module `arch` built: " + "; ".join(parts)
         )
     module.load_state_dict(stripped, strict=False)
     return key_map
@@ -601,7 +543,7 @@ def load_model(
     _sniff(path)
     arch_module = None
     if arch:
-        # fail early on a bad --arch; its classes may be in the pickle
+        # fail early on a bad `arch`; its classes may be in the pickle
         arch_module = getattr(resolve_arch(arch), "__module__", None)
     obj = _torch_load(path, trust)
     found = find_state_dict(obj)
@@ -620,13 +562,13 @@ def load_model(
             uses = arch_module is not None and any(
                 type(m).__module__ == arch_module for m in value.modules())
             loaded.notes.append(
-                f"{path} holds a whole module; --arch {arch} was used only to import its classes"
-                if uses else f"{path} holds a whole module; --arch {arch} was not needed")
+                f"{path} holds a whole module; `arch={arch!r}` was used only to import its classes"
+                if uses else f"{path} holds a whole module; `arch={arch!r}` was not needed")
         return loaded
     if not arch:
         raise LoadError(
             f"{path} is a state dict ({len(value)} tensors) without the code that builds the "
-            "model; pass --arch pkg.module:fn or --arch path/to/file.py:fn (and --arch-args "
+            "model; pass `arch='pkg.module:fn'` or `arch='path/to/file.py:fn'` (and `arch_args` "
             "'{...}' for its arguments)"
         )
     module = build_arch(arch, arch_args or {})

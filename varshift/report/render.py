@@ -479,8 +479,8 @@ class _ProbeTable:
         yield self._table(hidden, widths, split)
         named = [h for h in _PROBE_DROP_ORDER if h in hidden and h]
         if named:
-            yield Text(f"({', '.join(named)} left out at this width; --format json or a wider "
-                       "terminal shows them)")
+            yield Text(f"({', '.join(named)} left out at this width; the JSON report or a "
+                       "wider terminal shows them)")
 
 
 def _header(header: str, split: bool) -> str:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._types import SourceLocation
 from .._version import __version__
 
 SEVERITIES = ("info", "warning", "error")  # in increasing order
@@ -46,20 +47,6 @@ def _document(schema: str, body: dict) -> dict:
 
 
 @dataclass
-class SourceLocation:
-    """A line of Python source: ``file`` (relative to the current directory when inside it),
-    1-based ``line``, and the ``function`` it is in (None for a definition site)."""
-
-    file: str
-    line: int
-    function: str | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}"
-        return f"{where} in {self.function}" if self.function else where
-
-
-@dataclass
 class RegularizerEntry:
     """A regularizer in the model (a module, or a functional call named ``owner:op``).
 
@@ -92,7 +79,7 @@ class NormEntry:
     source: SourceLocation | None = None
     defined_at: SourceLocation | None = None
     #: training never updates its statistics (FrozenBatchNorm2d, momentum=0): recalibrated
-    #: only with --all-norms or --include-frozen
+    #: only with ``all_norms`` or ``include_frozen``
     frozen: bool = False
 
 
@@ -523,13 +510,13 @@ class ExactInfo:
         # the default depends on the machine's free memory: the text (which README examples
         # and CI logs show) says which budget without the machine's number
         within = ("within the default budget, half the available memory" if self.default_budget
-                  else f"--cache-mb {budget}")
+                  else f"`cache_mb={budget}`")
         text = (f"exact estimator: one pass over the data, cut before each of {self.cuts} "
                 f"norms on the torch.fx graph; activations kept at a cut: at most "
                 f"{self.peak_mb:.1f} MiB ({within})")
         if self.spilled_mb:
             text += (f"; over the budget, {self.spilled_mb:.1f} MiB went through a temporary "
-                     "directory (slower; raise --cache-mb to avoid it)")
+                     "directory (slower; raise `cache_mb` to avoid it)")
         return text
 
 
@@ -552,7 +539,7 @@ class RecalibrationReport:
     samples: int
     threshold: float = 1.1
     output: str | None = None
-    onnx: Any = None  # a ParityResult when --onnx was given
+    onnx: Any = None  # a ParityResult when ``onnx`` was given
     max_accuracy_drop: float | None = None  # percentage points; None: no accuracy guard
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -679,6 +666,9 @@ class SwapReport:
     onnx: Any = None
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    #: what the verdict advises when nothing recalibrated the swapped model (prose: the
+    #: command line says it in flags)
+    remedy: str = "recalibrate them now with `varshift.recalibrate()`"
 
     schema = "varshift.swap/1"
 
@@ -707,7 +697,7 @@ class SwapReport:
         if self.recalibration is None:
             text += (
                 "; eval outputs are unchanged until the model is fine-tuned (BatchNorm still "
-                "holds the old statistics: pass --data to recalibrate them now)"
+                f"holds the old statistics: {self.remedy})"
             )
         else:
             text += f"; {self.recalibration.verdict}"

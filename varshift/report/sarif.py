@@ -1,11 +1,11 @@
 """A scan report as SARIF 2.1.0: what GitHub code scanning and other SARIF viewers read.
 
-One run; one rule per finding kind (``regularizer-before-norm``, ``dropout-at-inference``)
-with help text; one result per finding. A finding whose regularizer has a source location
-lands on that line (the line that calls it; else the line that created it); the norms it
-reaches are related locations. A finding with no known source (a pickled ``nn.Sequential``)
-is placed on the model file, so that every result still has a location, which code scanning
-requires.
+One run; one rule per finding kind (``regularizer-before-norm``, ``dropout-at-inference``,
+``norm-without-running-stats``; their descriptions from :mod:`varshift.catalog`) with help
+text; one result per finding. A finding whose regularizer has a source location lands on
+that line (the line that calls it; else the line that created it); the norms it reaches are
+related locations. A finding with no known source (a pickled ``nn.Sequential``) is placed on
+the model file, so that every result still has a location, which code scanning requires.
 
 Relative paths are relative to ``%SRCROOT%``, the directory varshift ran in; run it from the
 repository root so that code scanning matches them to the repository's files.
@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .._version import __version__
+from ..catalog import RULES
 from ..errors import VarshiftError
 from .results import Finding, ScanReport, SourceLocation
 
@@ -38,10 +39,10 @@ RULE_HELP = {
         "variance in `running_var`; at inference dropout is off, the real variance is smaller, "
         "and the BatchNorm normalizes with the wrong statistics (the *variance shift*, Li et "
         "al., CVPR 2019). The error compounds through every later BatchNorm.\n\n"
-        "**Fix:** recompute the BatchNorm statistics with dropout off "
-        "(`varshift recalibrate MODEL --data DATA --exact --output FIXED`); or replace dropout "
-        "with Uout (`varshift swap`) and fine-tune; or move the dropout after the last "
-        "BatchNorm. `varshift probe` measures the shift on your data.",
+        "**Fix:** recompute the BatchNorm statistics with dropout off (`varshift recalibrate` "
+        "with the exact estimator); or replace dropout with Uout (`varshift swap`) and "
+        "fine-tune; or move the dropout after the last BatchNorm. `varshift probe` measures "
+        "the shift on your data. Each result's remedy says which applies.",
         "how-it-works",
     ),
     "dropout-at-inference": (
@@ -53,13 +54,22 @@ RULE_HELP = {
         "**Fix:** pass `training=self.training`.",
         "how-it-works",
     ),
+    "norm-without-running-stats": (
+        "BatchNormWithoutRunningStats",
+        "A BatchNorm without running statistics: inference depends on the batch.",
+        "A BatchNorm built with `track_running_stats=False` keeps no running mean or variance, "
+        "so it normalizes with the statistics of each batch in eval mode too: a prediction "
+        "depends on what else is in its batch, and a batch of one sample cannot be "
+        "normalized.\n\n"
+        "**Fix:** train with `track_running_stats=True` (recalibrating every BatchNorm then "
+        "fills its statistics), or use GroupNorm or LayerNorm, which do not depend on the batch.",
+        "how-it-works",
+    ),
 }
 
 
 def _rule(rule_id: str) -> dict[str, Any]:
     name, short, help_md, anchor = RULE_HELP[rule_id]
-    from ..rules import RULES
-
     return {
         "id": rule_id,
         "name": name,
@@ -144,7 +154,7 @@ def to_sarif(report: ScanReport) -> dict[str, Any]:
     if not isinstance(report, ScanReport):
         raise VarshiftError(
             f"SARIF is for scan reports; {type(report).__name__} has no source findings "
-            "(use --format json, or --report FILE.html)")
+            "(render it as json, markdown, text or html)")
     rule_ids = list(RULE_HELP)
     results = [_result(report, f, rule_ids.index(f.rule)) for f in report.findings]
     run: dict[str, Any] = {

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from ..graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, DataflowGraph, Op, kinds, trace
+from ..catalog import RULES as RULES
+from ..graph import BATCH_STATS_NORM, FUNCTION, NORM, REGULARIZER, Behaviour, DataflowGraph, Op, kinds, trace
 from ..report.results import Finding, NormEntry, RegularizerEntry, ScanReport, plural, severity_rank
 
 if TYPE_CHECKING:
     import torch.nn as nn
 
-#: The rules, as data: name -> what it means.
-RULES = {
-    "regularizer-before-norm": (
-        "an active regularizer feeds a BatchNorm: its running variance records the "
-        "training-time variance, which inference never sees"
-    ),
-    "norm-without-running-stats": (
-        "a BatchNorm with track_running_stats=False normalizes with each batch's statistics "
-        "at inference too: predictions depend on what else is in the batch, and a batch of "
-        "one sample cannot be normalized"
-    ),
-    "dropout-at-inference": (
-        "a functional dropout stays active in eval mode (training=True hard-coded): "
-        "inference is random"
-    ),
-}
+# RULES (rule id -> what it means) lives in the leaf varshift.catalog, so that the reports
+# can describe the rules without importing this stage; it is re-exported here.
 
 #: Severity of ``regularizer-before-norm`` by predicted shift: the first threshold reached.
 SEVERITY_BY_SHIFT = ((1.10, "error"), (1.01, "warning"), (0.0, "info"))
@@ -37,7 +25,7 @@ _MOVABLE = (kinds.DROPOUT, kinds.CHANNEL_DROPOUT, kinds.ALPHA_DROPOUT)
 
 
 def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
-         labels: str = "auto") -> ScanReport:
+         labels: str = "auto", fail_on: str = "error") -> ScanReport:
     """Find every regularizer that reaches a BatchNorm in ``model``'s dataflow graph.
 
     Traces with torch.fx; when fx cannot trace the model, runs it once on ``example_input``
@@ -48,8 +36,11 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
     dict of keyword arguments, ...), called by the rules of :mod:`varshift.calling` or by
     ``call(model, batch)`` when given (a callable or a ``pkg.module:fn`` string).
 
+    ``fail_on`` is the severity at which ``bool(report)`` turns False: ``error`` (the
+    default), ``warning`` or ``never``.
+
     Returns:
-        A :class:`ScanReport`; ``bool(report)`` is False when a finding has severity error.
+        A :class:`ScanReport`; ``bool(report)`` is False when a finding reaches ``fail_on``.
 
     Raises:
         TraceError: fx cannot trace the model and no example input was given, or the model
@@ -58,11 +49,13 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
     import torch
 
     from ..calling import Caller, Invocation
+    from ..options import FailOn, choice
 
+    gate = choice(FailOn, fail_on, "fail_on")
     if example_input is not None and not isinstance(example_input, Invocation) and (
             call is not None or not isinstance(example_input, torch.Tensor)
             or not example_input.is_floating_point()):
-        # one sample is enough to trace; a --call function gets the whole batch it expects
+        # one sample is enough to trace; a `call` function gets the whole batch it expects
         limit = None if call is not None else 1
         example_input = Caller(model, call=call, labels=labels).prepare(example_input, limit=limit)
     report, graph = scan_traced(model, example_input)
@@ -70,7 +63,7 @@ def scan(model: "nn.Module", example_input: Any = None, *, call: Any = None,
         from ..io.inputs import check_example
 
         check_example(model, example_input)  # fx traced without running it
-    return report
+    return dataclasses.replace(report, fail_on=gate)
 
 
 def scan_for(model: "nn.Module", x: Any) -> tuple[ScanReport, DataflowGraph]:
@@ -130,7 +123,7 @@ def _mark_frozen(model: "nn.Module", report: ScanReport) -> None:
         report.notes.append(
             f"{plural(len(frozen), 'frozen BatchNorm layer')} ({', '.join(types)}): training never "
             "updates their statistics, so dropout cannot have shifted them; recalibrated only "
-            "with --all-norms or --include-frozen"
+            "with `all_norms=True` or `include_frozen=True`"
         )
 
 
@@ -140,6 +133,21 @@ def _grouped(ops: list[Op]) -> dict[str, list[Op]]:
     for op in ops:
         out.setdefault(op.name, []).append(op)
     return out
+
+
+def _type_name(op: Op) -> str:
+    """What a report calls an op's type: its class or function name; for a regularizer found
+    by what it does, the op and where it is called (``mul at blocks.py:12 in drop_connect``),
+    or ``random control flow``."""
+    if op.behaviour is Behaviour.RANDOM_CONTROL_FLOW:
+        return "random control flow"
+    if op.behaviour is Behaviour.RANDOM_OPERAND and op.source is not None:
+        import os
+
+        src = op.source
+        return (f"{op.target} at {os.path.basename(src.file)}:{src.line}"
+                + (f" in {src.function}" if src.function else ""))
+    return op.target
 
 
 def _is_active(op: Op) -> bool:
@@ -179,7 +187,7 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model",
         entry = RegularizerEntry(
             name=name,
             kind=first.reg.kind,
-            type=first.target,
+            type=_type_name(first),
             p=first.reg.p,
             active=active,
             functional=first.kind == FUNCTION,
@@ -204,7 +212,7 @@ def scan_graph(graph: DataflowGraph, model_name: str = "model",
     for op in graph.always_on:
         if op.name not in seen:
             assert op.reg is not None
-            entry = RegularizerEntry(op.name, op.reg.kind, op.target, op.reg.p, True, True, [], True,
+            entry = RegularizerEntry(op.name, op.reg.kind, _type_name(op), op.reg.p, True, True, [], True,
                                      op.source, op.defined_at)
             regularizers.append(entry)
             findings.append(_inference_finding(entry, []))
@@ -236,8 +244,9 @@ def _batch_stats_findings(graph: DataflowGraph) -> list[Finding]:
             direct=[name],
             downstream_count=len(graph.downstream(ops[0].index)),
             predicted_shift=None,
-            remedy="train with track_running_stats=True (then `varshift recalibrate "
-                   "--all-norms` can fill its statistics), or use GroupNorm/LayerNorm",
+            remedy="train with track_running_stats=True (then "
+                   "`varshift.recalibrate(all_norms=True)` can fill its statistics), or use "
+                   "GroupNorm/LayerNorm",
             message=f"{name or '(root)'} [{ops[0].target}(track_running_stats=False)] normalizes "
                     "with batch statistics at inference: outputs depend on the batch",
         ))
@@ -271,12 +280,12 @@ def _shift_finding(
         remedy = "none needed: Uout is the variance-stable choice (recalibrate if it matters)"
     elif reg.kind in _MOVABLE:
         remedy = (
-            "`varshift recalibrate --exact`; or `varshift swap` to Uout and fine-tune; or move "
-            f"it after the last BatchNorm ({last_norm})"
+            "`varshift.recalibrate(exact=True)`; or `varshift.swap` to Uout and fine-tune; or "
+            f"move it after the last BatchNorm ({last_norm})"
         )
     else:
         remedy = (
-            "`varshift recalibrate --exact`; or `varshift swap` to Uout and fine-tune "
+            "`varshift.recalibrate(exact=True)`; or `varshift.swap` to Uout and fine-tune "
             f"({reg.kind.replace('_', '-')} cannot move after the last BatchNorm)"
         )
     if reg.kind == kinds.ALPHA_DROPOUT:
