@@ -25,7 +25,6 @@ the caller then uses the per-level estimator.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -36,9 +35,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..errors import DataError, VarshiftError
+from ..errors import DataError
 from ..io.inputs import fit_error
 from ..measure.stats import ChannelMoments
+from ..options import check_cache_mb as check_cache_mb  # re-exported: its old home
 
 #: Fraction of the memory available when the run starts that the frontier may use by default.
 DEFAULT_CACHE_FRACTION = 0.5
@@ -104,25 +104,6 @@ def default_cache_mb(device: torch.device) -> float:
     except (OSError, RuntimeError, ValueError):
         pass
     return FALLBACK_CACHE_MB
-
-
-def check_cache_mb(cache_mb: float | None) -> None:
-    """Refuse a budget that is not a finite number >= 0.
-
-    Raises:
-        VarshiftError: naming the bad value.
-    """
-    if cache_mb is None:
-        return
-    try:
-        ok = not isinstance(cache_mb, bool) and math.isfinite(float(cache_mb)) and cache_mb >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise VarshiftError(
-            f"`cache_mb` must be a number of MiB >= 0 (0 spills everything to disk), got "
-            f"{cache_mb!r}"
-        )
 
 
 # --------------------------------------------------------------------------- planning
